@@ -1,0 +1,3 @@
+"""flexai: pool, slice and schedule accelerators of any vendor."""
+
+__version__ = "0.1.0"

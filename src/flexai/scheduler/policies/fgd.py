@@ -1,0 +1,98 @@
+"""FGD, fragmentation gradient descent (Weng et al., USENIX ATC'23).
+
+Score of a node = int(100 * sigmoid(delta / 1000)), delta = Frag(node) - Frag(node after placing the pod),
+Frag measured against the workload profile (see ``fragmentation``). A slice may go to any fitting device:
+each is tried, the node scores its best device, and that device (lowest index on integer ties) is used.
+Whole-device pods take the lowest-index free devices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flexai.model.cluster import Request
+from flexai.model.state import ClusterState
+from flexai.model.units import FULL_SHARE_MILLI
+from flexai.model.workload import WorkloadProfile
+from flexai.scheduler.cache import CachedScores, ShapeScoreCache
+from flexai.scheduler.fragmentation import FragmentationModel
+from flexai.scheduler.framework import Policy, select_devices_best
+from flexai.scheduler.registry import register
+
+
+def sigmoid_score(delta_milli: np.ndarray) -> np.ndarray:
+    return np.floor(100.0 / (1.0 + np.exp(-delta_milli / 1000.0))).astype(np.int64)
+
+
+def take_whole_devices(free_share_milli: np.ndarray, share_milli: int, count: int) -> np.ndarray:
+    """Rows of free share after taking ``share_milli`` from the ``count`` lowest-index devices that have it."""
+    fits = free_share_milli >= share_milli
+    taken = fits & (np.cumsum(fits, axis=1) <= count)
+    return free_share_milli - share_milli * taken
+
+
+class FragmentationDeltaPolicy(Policy):
+    """Shared machinery of policies that score by the change of a fragmentation measure."""
+
+    def profile(self) -> WorkloadProfile:
+        if self.context.profile is None:
+            raise ValueError(f"policy {self.name!r} needs a workload profile (the trace's shape distribution)")
+        return self.context.profile
+
+    def bind_state(self, state: ClusterState) -> None:
+        self.frag_model = FragmentationModel(self.profile(), state)
+        self.cache = ShapeScoreCache(state)
+        self._entry: CachedScores | None = None
+
+    def node_frag(self, state: ClusterState, free: np.ndarray, cpu: np.ndarray, model: np.ndarray) -> np.ndarray:
+        return self.frag_model.node_frag(free, cpu, model)
+
+    def delta_to_score(self, delta_milli: np.ndarray, nodes: np.ndarray, state: ClusterState) -> np.ndarray:
+        return sigmoid_score(delta_milli)
+
+    def evaluate(self, state: ClusterState, request: Request, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        free = state.free_share_milli[nodes]
+        cpu = state.free_cpu_milli[nodes]
+        model = state.node_model_id[nodes]
+        before = self.node_frag(state, free, cpu, model)
+        cpu_after = cpu - request.cpu_milli
+        if request.is_fractional:
+            devices = free.shape[1]
+            m = request.share_milli
+            hypo = np.repeat(free[:, None, :], devices, axis=1) - m * np.eye(devices, dtype=np.int64)[None]
+            after = self.node_frag(
+                state,
+                hypo.reshape(-1, devices),
+                np.repeat(cpu_after, devices),
+                np.repeat(model, devices),
+            ).reshape(-1, devices)
+            score = self.delta_to_score(before[:, None] - after, nodes, state)
+            fits = (free >= m) & state.device_present[nodes]
+            score = np.where(fits, score, np.iinfo(np.int64).min)
+            best = np.argmax(score, axis=1)
+            return score[np.arange(len(nodes)), best], best
+        free_after = take_whole_devices(free, request.share_milli, request.device_count)
+        after = self.node_frag(state, free_after, cpu_after, model)
+        return self.delta_to_score(before - after, nodes, state), np.zeros(len(nodes), dtype=np.int64)
+
+    def _refresh(self, state: ClusterState, request: Request, mask: np.ndarray) -> CachedScores:
+        key = (request.cpu_milli, request.share_milli, request.device_count)
+        return self.cache.refresh(key, mask, lambda nodes: self.evaluate(state, request, nodes))
+
+    def score(self, state: ClusterState, request: Request, feasible: np.ndarray) -> np.ndarray:
+        return self._refresh(state, request, feasible).score
+
+    def select_devices(self, state: ClusterState, request: Request, node_index: int) -> tuple[int, ...]:
+        if not request.is_fractional or request.device_memory_mib:
+            return select_devices_best(state, request, node_index)
+        mask = np.zeros(state.node_count, dtype=bool)
+        mask[node_index] = True
+        return (int(self._refresh(state, request, mask).device[node_index]),)
+
+
+@register
+class FgdPolicy(FragmentationDeltaPolicy):
+    name = "fgd"
+
+
+__all__ = ["FULL_SHARE_MILLI", "FgdPolicy", "FragmentationDeltaPolicy"]

@@ -1,0 +1,197 @@
+"""Loader for Alibaba's openb trace format (cluster-trace-gpu-v2023).
+
+Pod files have 11 columns (name, cpu_milli, memory_mib, num_gpu, gpu_milli, gpu_spec, qos, pod_phase,
+creation_time, deletion_time, scheduled_time) or only the first five (the multigpu variants). Node files
+have sn, cpu_milli, memory_mib, gpu, model. Files may be gzip-compressed. A bad row raises TraceFormatError
+naming file, line, column and value.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from flexai.model.cluster import Node, Request
+from flexai.model.units import FULL_SHARE_MILLI
+from flexai.model.workload import Shape, WorkloadProfile
+
+POD_COLUMNS = ("name", "cpu_milli", "memory_mib", "num_gpu", "gpu_milli")
+NODE_COLUMNS = ("sn", "cpu_milli", "memory_mib", "gpu", "model")
+DATA_PACKAGE = "flexai.sim.data"
+
+
+class TraceFormatError(ValueError):
+    """One line naming file, line, column and value, and what is allowed."""
+
+
+@dataclass(frozen=True)
+class PodTrace:
+    """Pods of a trace in file order, with per-pod arrays for fast bookkeeping."""
+
+    name: str
+    pod_names: tuple[str, ...]
+    requests: tuple[Request, ...]
+    spec_labels: tuple[str, ...]
+
+    @property
+    def total_share_milli(self) -> np.ndarray:
+        return np.array([r.total_share_milli for r in self.requests], dtype=np.int64)
+
+    @property
+    def per_device_share_milli(self) -> np.ndarray:
+        return np.array([r.share_milli for r in self.requests], dtype=np.int64)
+
+    def shapes(self) -> list[Shape]:
+        return [Shape.of(r, label) for r, label in zip(self.requests, self.spec_labels, strict=True)]
+
+    def profile(self, coverage: float = 0.95) -> WorkloadProfile:
+        return WorkloadProfile.from_shapes(self.shapes(), coverage)
+
+
+@dataclass(frozen=True)
+class NodeList:
+    name: str
+    nodes: tuple[Node, ...]
+
+
+def bundled_names(kind: str) -> list[str]:
+    prefix = "pod_list_" if kind == "pods" else "node_list_"
+    names = []
+    for entry in resources.files(DATA_PACKAGE).iterdir():
+        if entry.name.startswith(prefix) and entry.name.endswith(".csv.gz"):
+            name = entry.name[len(prefix) : -len(".csv.gz")]
+            names.append(name.removesuffix("_node"))
+    return sorted(names)
+
+
+def _open_text(source: str, kind: str) -> tuple[str, str]:
+    """Return (display name, text) for a bundled name or a file path."""
+    prefix = "pod_list_" if kind == "pods" else "node_list_"
+    suffix = "_node" if kind == "nodes" else ""
+    bundled = resources.files(DATA_PACKAGE) / f"{prefix}{source}{suffix}.csv.gz"
+    if "/" not in source and not source.endswith((".csv", ".gz")) and bundled.is_file():
+        return source, gzip.decompress(bundled.read_bytes()).decode("utf-8")
+    path = Path(source)
+    if not path.is_file():
+        known = ", ".join(bundled_names(kind))
+        raise TraceFormatError(f"{kind} file {source!r} not found: give a path to a CSV file or one of: {known}")
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        return str(path), raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
+        raise TraceFormatError(f"{source}: cannot read {kind} file: {exc}") from exc
+
+
+def _rows(display: str, text: str, required: tuple[str, ...]) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise TraceFormatError(f"{display}:1: the file is empty; expected a header with {', '.join(required)}") from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise TraceFormatError(
+            f"{display}:1: header lacks column(s) {', '.join(missing)}; found {', '.join(header) or 'nothing'}"
+        )
+    rows = [(reader.line_num, row) for row in reader if row and any(cell.strip() for cell in row)]
+    return header, rows
+
+
+def _int(display: str, line: int, column: str, value: str, low: int, high: int | None = None) -> int:
+    try:
+        number = int(value.strip())
+    except ValueError:
+        number = None
+    if number is None or number < low or (high is not None and number > high):
+        allowed = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+        raise TraceFormatError(f"{display}:{line}: column {column}: value {value!r} is not allowed: {allowed}")
+    return number
+
+
+def load_pods(source: str) -> PodTrace:
+    display, text = _open_text(source, "pods")
+    header, rows = _rows(display, text, POD_COLUMNS)
+    col = {c: i for i, c in enumerate(header)}
+    spec_col = col.get("gpu_spec")
+    names, requests, labels = [], [], []
+    for line, row in rows:
+        if len(row) < len(header):
+            raise TraceFormatError(f"{display}:{line}: {len(row)} columns, the header has {len(header)}")
+        name = row[col["name"]].strip()
+        if not name:
+            raise TraceFormatError(f"{display}:{line}: column name: value '' is not allowed: a pod name")
+        cpu = _int(display, line, "cpu_milli", row[col["cpu_milli"]], 0)
+        memory = _int(display, line, "memory_mib", row[col["memory_mib"]], 0)
+        count = _int(display, line, "num_gpu", row[col["num_gpu"]], 0, 64)
+        # The artifact clips per-GPU share above 1000 to a whole GPU.
+        share = min(_int(display, line, "gpu_milli", row[col["gpu_milli"]], 0), FULL_SHARE_MILLI)
+        spec = row[spec_col].strip() if spec_col is not None else ""
+        label = "|".join(p for p in spec.split("|") if p)
+        if count == 0:
+            share, label = 0, ""  # CPU-only pods carry no GPU fields
+        elif share == 0:
+            raise TraceFormatError(
+                f"{display}:{line}: column gpu_milli: value {row[col['gpu_milli']]!r} is not allowed: "
+                f"1..{FULL_SHARE_MILLI} when num_gpu > 0"
+            )
+        elif count > 1 and share < FULL_SHARE_MILLI:
+            raise TraceFormatError(
+                f"{display}:{line}: column gpu_milli: value {share!r} is not allowed: "
+                f"{FULL_SHARE_MILLI} when num_gpu = {count} (only single-GPU pods share a GPU)"
+            )
+        names.append(name)
+        labels.append(label)
+        requests.append(
+            Request(
+                device_count=count,
+                share_milli=share,
+                allowed_models=frozenset(p for p in label.split("|") if p),
+                cpu_milli=cpu,
+                host_memory_mib=memory,
+                qos=row[col["qos"]].strip() if "qos" in col else "",
+                name=name,
+            )
+        )
+    if not requests:
+        raise TraceFormatError(f"{display}: no pods in the file")
+    trace_name = Path(display).name.removesuffix(".gz").removesuffix(".csv").removeprefix("openb_pod_list_")
+    return PodTrace(trace_name, tuple(names), tuple(requests), tuple(labels))
+
+
+def load_nodes(source: str) -> NodeList:
+    display, text = _open_text(source, "nodes")
+    header, rows = _rows(display, text, NODE_COLUMNS)
+    col = {c: i for i, c in enumerate(header)}
+    nodes, seen = [], set()
+    for line, row in rows:
+        if len(row) < len(header):
+            raise TraceFormatError(f"{display}:{line}: {len(row)} columns, the header has {len(header)}")
+        name = row[col["sn"]].strip()
+        if not name or name in seen:
+            raise TraceFormatError(f"{display}:{line}: column sn: value {name!r} is not allowed: a unique node name")
+        seen.add(name)
+        gpus = _int(display, line, "gpu", row[col["gpu"]], 0, 64)
+        model = row[col["model"]].strip()
+        if gpus and not model:
+            raise TraceFormatError(f"{display}:{line}: column model: value '' is not allowed: a model when gpu > 0")
+        nodes.append(
+            Node(
+                name=name,
+                cpu_milli=_int(display, line, "cpu_milli", row[col["cpu_milli"]], 0),
+                host_memory_mib=_int(display, line, "memory_mib", row[col["memory_mib"]], 0),
+                device_count=gpus,
+                device_model=model if gpus else "",
+            )
+        )
+    if not nodes:
+        raise TraceFormatError(f"{display}: no nodes in the file")
+    list_name = Path(display).name.removesuffix(".gz").removesuffix(".csv").removeprefix("openb_node_list_")
+    return NodeList(list_name.removesuffix("_node"), tuple(nodes))
