@@ -1,0 +1,178 @@
+"""`flexai`: one command with a subcommand group per area."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from flexai import __version__
+
+app = typer.Typer(
+    help="flexai: pool, slice and schedule accelerators of any vendor.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_SEEDS = "42-51"
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one clear line on stderr, exit code 2."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'42-51', '42,43,44' or a mix ('42-45,50')."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo_text, hi_text = part.split("-", 1)
+                lo, hi = int(lo_text), int(hi_text)
+                if lo > hi:
+                    raise ValueError
+                seeds.extend(range(lo, hi + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            fail(f"--seeds={text!r} is not allowed: give non-negative integers like 42-51 or 42,43,44 (bad part {part!r})")
+    if not seeds or min(seeds) < 0 or len(seeds) > 1000:
+        fail(f"--seeds={text!r} is not allowed: 1..1000 non-negative integers like 42-51 or 42,43,44")
+    return list(dict.fromkeys(seeds))
+
+
+def parse_policies(text: str) -> list[str]:
+    from flexai.scheduler import policy_names
+
+    known = policy_names()
+    if text.strip() == "all":
+        return known
+    chosen = [p.strip() for p in text.split(",") if p.strip()]
+    for p in chosen:
+        if p not in known:
+            fail(f"--policy={p!r} is not known: choose from {', '.join(known)} or all")
+    if not chosen:
+        fail(f"--policy={text!r} is not allowed: name one or more of {', '.join(known)} or all")
+    return list(dict.fromkeys(chosen))
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        console.print(f"flexai {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+def simulate(
+    trace: Annotated[str, typer.Option(help="Bundled trace name (default, gpushare40, ...) or an openb CSV path.")] = "default",
+    nodes: Annotated[str, typer.Option(help="Bundled node list (gpu, all) or an openb node CSV path.")] = "gpu",
+    policy: Annotated[str, typer.Option(help="Policy names, comma-separated, or 'all'.")] = "all",
+    seeds: Annotated[str, typer.Option(help="Seeds: 42-51 or 42,43,...")] = DEFAULT_SEEDS,
+    inflate: Annotated[float, typer.Option(help="Resample the pods to this multiple of the GPU capacity.")] = 1.3,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    out: Annotated[Path, typer.Option(help="Report folder (plot, JSON, Markdown).")] = Path("flexai-report"),
+    jobs: Annotated[int, typer.Option(help="Worker processes (default: the CPU count).")] = 0,
+    bound: Annotated[bool, typer.Option(help="Compute the lower bound (MILP) at arrived 100 %.")] = True,
+) -> None:
+    """Fill the cluster with a production trace, policy by policy, and report unallocated GPU."""
+    from flexai.sim.openb import TraceFormatError, load_nodes, load_pods
+    from flexai.sim.report import document, markdown, plot_curves, summarise, write_json
+    from flexai.sim.runner import default_jobs, run_many
+
+    policies = parse_policies(policy)
+    seed_list = parse_seeds(seeds)
+    if not 0.1 <= inflate <= 10:
+        fail(f"--inflate={inflate!r} is not allowed: a factor in 0.1..10 (the paper uses 1.3)")
+    if jobs < 0:
+        fail(f"--jobs={jobs!r} is not allowed: 0 (automatic) or more")
+    try:
+        pods = load_pods(trace)
+        node_list = load_nodes(nodes)
+    except TraceFormatError as exc:
+        fail(str(exc))
+    if not any(n.device_count for n in node_list.nodes):
+        fail(f"--nodes={nodes!r} has no GPU nodes: the experiment needs at least one device")
+    for target in [out] + ([json_path] if json_path else []):
+        probe = target if target == out else target.parent
+        if probe.exists() and not probe.is_dir():
+            fail(f"{'--out' if target == out else '--json'}={str(target)!r} is not allowed: {probe} is not a folder")
+    workers = jobs or default_jobs()
+    total_tasks = len(policies) * len(seed_list) + (len(seed_list) if bound else 0)
+    console.print(
+        f"trace [bold]{pods.name}[/] ({len(pods.requests):,} pods), nodes [bold]{node_list.name}[/] "
+        f"({len(node_list.nodes):,} nodes, {sum(n.device_count for n in node_list.nodes):,} GPUs), "
+        f"{len(policies)} policies x {len(seed_list)} seeds on {workers} workers"
+    )
+    started = time.perf_counter()
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=not sys.stdout.isatty(),
+    ) as progress:
+        task = progress.add_task("simulating", total=total_tasks)
+
+        def done(label: str) -> None:
+            progress.update(task, advance=1, description=f"done: {label}")
+
+        trace_arg = trace
+        runs, bounds = run_many(trace_arg, nodes, policies, seed_list, inflate, workers, bound, done)
+    doc = document(pods.name, node_list.name, runs, bounds)
+    summaries = summarise(runs)
+    _print_table(summaries, doc)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", doc)
+    if json_path:
+        write_json(json_path, doc)
+    plot_curves(out / "unallocated_gpu.png", runs, bounds, f"trace {pods.name}: unallocated GPU vs arrived workload")
+    (out / "report.md").write_text(markdown(doc, summaries))
+    console.print(f"report in [bold]{out}/[/] (report.md, unallocated_gpu.png, results.json) — {time.perf_counter() - started:.1f} s")
+
+
+def _print_table(summaries: list, doc: dict) -> None:
+    from flexai.sim.metrics import REPORT_ARRIVED_PCT
+
+    table = Table(title="unallocated GPU % at arrived workload (mean over seeds)")
+    table.add_column("policy", style="bold")
+    for x in REPORT_ARRIVED_PCT:
+        table.add_column(f"{x} %", justify="right")
+    table.add_column("failed pods", justify="right")
+    table.add_column("wall s", justify="right")
+    for s in summaries:
+        table.add_row(
+            s.policy,
+            *[f"{s.unallocated_mean[x]:.2f}" for x in REPORT_ARRIVED_PCT],
+            f"{s.failed_pods_mean:.0f}",
+            f"{s.wall_s_mean:.2f}",
+        )
+    console.print(table)
+    for g in doc.get("pooling_gain") or []:
+        console.print(
+            f"pooling gain of [bold]{g['policy']}[/] over k8s-whole-gpu at arrived 100 %: "
+            f"+{g['extra_gpu_demand_pct']:.1f} % GPU demand placed, +{g['extra_pods']:.0f} pods"
+        )
+    bound = doc.get("lower_bound")
+    if bound:
+        lb = bound["unallocated_gpu_pct_at_100"]
+        console.print(f"lower bound on unallocated GPU % at arrived 100 %: {lb['mean']:.2f} (sd {lb['sd']:.2f})")
+
+
+if __name__ == "__main__":
+    app()

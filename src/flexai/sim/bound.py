@@ -1,0 +1,147 @@
+"""A lower bound on unallocated GPU %: no placement of the same arrived pods can leave less idle.
+
+The bound solves a relaxation of "place as much GPU demand as possible from these pods on these nodes"
+as a mixed-integer program with HiGHS (through scipy). Nodes are grouped by type (CPU, memory, devices,
+model) and pods by shape; y[s, t] counts pods of shape s on nodes of type t. Every real placement
+satisfies these constraints, so the program's optimum (or HiGHS's dual bound, if the time limit stops
+it) is at least the best real allocation:
+
+* per type: CPU, host memory and device share sums within the type's total;
+* per type: for dual-feasible functions u (bin-packing theory: sum of u over items in one bin <= 1),
+  sum u(share) over pods <= devices of the type, which accounts for slivers that no pod can fill
+  (two 0.81-GPU pods never share a device); the same on each node's device count (an 8-GPU pod needs a
+  whole 8-GPU node) and CPU (two pods above half of a node's CPU never share it);
+* per shape: no more pods than arrived; a shape may only use types it fits on one node of.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import lil_matrix
+
+from flexai.model.cluster import Node, Request
+from flexai.model.units import FULL_SHARE_MILLI
+
+Dff = Callable[[np.ndarray], np.ndarray]
+
+
+def _dff_half(x: np.ndarray) -> np.ndarray:
+    return np.where(x > 0.5, 1.0, np.where(x == 0.5, 0.5, 0.0))
+
+
+def _dff_fs1(k: int) -> Dff:
+    # Fekete-Schepers: u(x) = x if (k+1)x is an integer, else floor((k+1)x)/k.
+    def u(x: np.ndarray) -> np.ndarray:
+        scaled = (k + 1) * x
+        integral = np.isclose(scaled, np.round(scaled))
+        return np.where(integral, x, np.floor(scaled) / k)
+
+    return u
+
+
+def _dff_threshold(eps: float) -> Dff:
+    # u(x) = 1 above 1 - eps, 0 below eps, x between (valid for eps <= 1/2).
+    def u(x: np.ndarray) -> np.ndarray:
+        return np.where(x > 1 - eps + 1e-12, 1.0, np.where(x < eps - 1e-12, 0.0, x))
+
+    return u
+
+
+@dataclass(frozen=True)
+class BoundResult:
+    unallocated_gpu_pct: float
+    """Least unallocated GPU % any placement could reach (a valid lower bound)."""
+    max_allocated_milli: float
+    capacity_milli: int
+    optimal: bool
+    pods: int
+
+
+def lower_bound_unallocated(
+    nodes: Sequence[Node], requests: Sequence[Request], time_limit_s: float = 20.0
+) -> BoundResult:
+    capacity = sum(n.device_count for n in nodes) * FULL_SHARE_MILLI
+    node_types = Counter((n.cpu_milli, n.host_memory_mib, n.device_count, n.device_model) for n in nodes if n.device_count)
+    shapes = Counter(
+        (r.cpu_milli, r.host_memory_mib, r.device_count, r.share_milli, r.allowed_models)
+        for r in requests
+        if r.device_count
+    )
+    types = list(node_types.items())
+    shape_list = list(shapes.items())
+    pairs: list[tuple[int, int]] = []
+    for s, ((cpu, mem, count, share, allowed), _) in enumerate(shape_list):
+        for t, ((t_cpu, t_mem, t_dev, t_model), _) in enumerate(types):
+            if cpu <= t_cpu and mem <= t_mem and count <= t_dev and (not allowed or t_model in allowed):
+                pairs.append((s, t))
+    if not pairs:
+        return BoundResult(100.0, 0.0, capacity, True, len(requests))
+    shape_arr = np.array([k for k, _ in shape_list], dtype=object)
+    pair_s = np.array([p[0] for p in pairs])
+    pair_t = np.array([p[1] for p in pairs])
+    cpu = np.array([k[0] for k in shape_arr], dtype=float)[pair_s]
+    mem = np.array([k[1] for k in shape_arr], dtype=float)[pair_s]
+    dev = np.array([k[2] for k in shape_arr], dtype=float)[pair_s]
+    share = np.array([k[3] for k in shape_arr], dtype=float)[pair_s] / FULL_SHARE_MILLI
+    gpu_milli = dev * share * FULL_SHARE_MILLI
+    t_cpu = np.array([k[0] for k, _ in types], dtype=float)
+    t_mem = np.array([k[1] for k, _ in types], dtype=float)
+    t_dev = np.array([k[2] for k, _ in types], dtype=float)
+    t_count = np.array([c for _, c in types], dtype=float)
+
+    share_dffs: list[Dff] = [_dff_half] + [_dff_fs1(k) for k in range(1, 11)]
+    distinct = sorted({float(x) for x in share if x < 1})
+    share_dffs += [_dff_threshold(e) for e in sorted({min(1 - x, x) for x in distinct}) if 0 < e <= 0.5]
+    node_dffs: list[Dff] = [_dff_half, _dff_fs1(2), _dff_fs1(3)]
+
+    rows: list[tuple[np.ndarray, float, np.ndarray]] = []  # (coefficients per pair, rhs, mask of pairs)
+
+    def add(coef: np.ndarray, rhs_per_type: np.ndarray) -> None:
+        for t in range(len(types)):
+            mask = pair_t == t
+            if mask.any():
+                rows.append((coef, float(rhs_per_type[t]), mask))
+
+    add(cpu, t_count * t_cpu)
+    add(mem, t_count * t_mem)
+    add(gpu_milli, t_count * t_dev * FULL_SHARE_MILLI)
+    for u in share_dffs:
+        add(dev * u(share), t_count * t_dev)
+    for u in node_dffs:
+        add(u(dev / t_dev[pair_t]), t_count)
+        add(u(cpu / t_cpu[pair_t]), t_count)
+
+    n_rows = len(rows) + len(shape_list)
+    a = lil_matrix((n_rows, len(pairs)))
+    upper = np.empty(n_rows)
+    for i, (coef, rhs, mask) in enumerate(rows):
+        idx = np.flatnonzero(mask)
+        a[i, idx] = coef[idx]
+        upper[i] = rhs
+    for s, (_, count) in enumerate(shape_list):
+        i = len(rows) + s
+        idx = np.flatnonzero(pair_s == s)
+        a[i, idx] = 1.0
+        upper[i] = count
+    result = milp(
+        c=-gpu_milli,
+        constraints=LinearConstraint(a.tocsr(), -np.inf, upper),
+        integrality=np.ones(len(pairs)),
+        bounds=Bounds(0, np.inf),
+        options={"time_limit": time_limit_s, "disp": False},
+    )
+    optimal = result.status == 0
+    if result.x is None and getattr(result, "mip_dual_bound", None) is None:
+        raise RuntimeError(f"the bound's MILP failed: {result.message}")
+    # For a minimisation of -allocated, the dual bound is a lower bound of -allocated.
+    dual = getattr(result, "mip_dual_bound", None)
+    best = -float(dual) if dual is not None and np.isfinite(dual) else -float(result.fun)
+    if optimal and result.fun is not None:
+        best = max(best, -float(result.fun)) if not np.isfinite(best) else best
+    best = min(best, float(capacity))
+    return BoundResult(100.0 * (1 - best / capacity), best, capacity, optimal, len(requests))
