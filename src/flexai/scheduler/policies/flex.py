@@ -25,8 +25,7 @@ class FlexPolicy(FragmentationDeltaPolicy):
         prof = super().profile()
         cov = opts.get("cov", 0.95)
         if cov != 0.95:
-            from flexai.model.workload import WorkloadProfile as WP
-            raise_ = None
+            prof = self._full_profile(cov)
         lam = opts.get("lam", -1.0)
         if lam >= 0:
             w = np.array([wt * (s.share_milli * s.device_count / 1000 + lam) for s, wt in zip(prof.shapes, prof.weights)])
@@ -38,6 +37,28 @@ class FlexPolicy(FragmentationDeltaPolicy):
         self.cache = ShapeScoreCache(state)
         self._entry = None
         self.tiebreak = opts.get("tiebreak", 0.0)
+
+    def _full_profile(self, cov):
+        return self.context.options["_trace_profile"](cov)
+
+    def evaluate(self, state, request, nodes):
+        if not (self.context.options.get("realdev", 0.0) and request.is_fractional):
+            return super().evaluate(state, request, nodes)
+        free = state.free_share_milli[nodes]
+        cpu = state.free_cpu_milli[nodes]
+        model = state.node_model_id[nodes]
+        before = self.node_frag(state, free, cpu, model)
+        cpu_after = cpu - request.cpu_milli
+        devices = free.shape[1]
+        m = request.share_milli
+        hypo = np.repeat(free[:, None, :], devices, axis=1) - m * np.eye(devices, dtype=np.int64)[None]
+        after = self.node_frag(state, hypo.reshape(-1, devices), np.repeat(cpu_after, devices), np.repeat(model, devices)).reshape(-1, devices)
+        delta = before[:, None] - after
+        fits = (free >= m) & state.device_present[nodes]
+        delta = np.where(fits, delta, -np.inf)
+        best = np.argmax(delta, axis=1)
+        bd = delta[np.arange(len(nodes)), best]
+        return self.delta_to_score(bd, nodes, state), best
 
     def score(self, state, request, feasible):
         base = super().score(state, request, feasible)
