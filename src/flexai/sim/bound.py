@@ -113,7 +113,8 @@ def lower_bound_unallocated(
     for u in share_dffs:
         add(dev * u(share), t_count * t_dev)
     for u in node_dffs:
-        add(u(dev / t_dev[pair_t]), t_count)
+        # A node's devices, in device units: a slice counts its share, not a whole device.
+        add(u(dev * share / t_dev[pair_t]), t_count)
         add(u(cpu / t_cpu[pair_t]), t_count)
 
     n_rows = len(rows) + len(shape_list)

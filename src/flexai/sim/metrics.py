@@ -29,3 +29,15 @@ def binned_unallocated_pct(
             value = sums[lo:hi].sum() / n if n else float("nan")
         out[x] = round(100.0 - round(float(value), 2), 2)
     return out
+
+
+def events_behind_point(arrived_milli: np.ndarray, capacity_milli: int, x: int) -> int:
+    """How many pod events (from the start) the value at arrived % ``x`` depends on: up to the last event
+    averaged into that point. A bound over these events' pods holds for every event averaged."""
+    arrived_bin = np.round(100.0 * arrived_milli / capacity_milli).astype(np.int64)
+    hits = np.flatnonzero(arrived_bin == x)
+    if hits.size == 0:
+        hits = np.flatnonzero((arrived_bin >= x - 1) & (arrived_bin <= x + 1))
+    if hits.size == 0:
+        return int(np.searchsorted(arrived_milli, x / 100 * capacity_milli, side="right"))
+    return int(hits[-1]) + 1

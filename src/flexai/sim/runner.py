@@ -12,6 +12,7 @@ import numpy as np
 
 from flexai.sim.bound import BoundResult, lower_bound_unallocated
 from flexai.sim.experiment import RunResult, build_arrivals, run_fill
+from flexai.sim.metrics import events_behind_point
 from flexai.sim.openb import NodeList, PodTrace, load_nodes, load_pods
 
 
@@ -65,7 +66,7 @@ def _bound_one(trace: str, nodes: str, seed: int, inflate: float, time_limit_s: 
     arrivals = build_arrivals(pods, node_list, seed, inflate, np.random.default_rng(seed))
     capacity = sum(n.device_count for n in node_list.nodes) * 1000
     arrived = np.cumsum(pods.total_share_milli[arrivals.pod_index])
-    upto = int(np.searchsorted(arrived, capacity, side="right"))
+    upto = events_behind_point(arrived, capacity, 100)
     requests = [pods.requests[i] for i in arrivals.pod_index[:upto]]
     return seed, lower_bound_unallocated(node_list.nodes, requests, time_limit_s)
 

@@ -12,7 +12,6 @@ import numpy as np
 
 from flexai.model.cluster import Request
 from flexai.model.state import ClusterState
-from flexai.model.units import FULL_SHARE_MILLI
 from flexai.model.workload import WorkloadProfile
 from flexai.scheduler.cache import CachedScores, ShapeScoreCache
 from flexai.scheduler.fragmentation import FragmentationModel
@@ -94,5 +93,3 @@ class FragmentationDeltaPolicy(Policy):
 class FgdPolicy(FragmentationDeltaPolicy):
     name = "fgd"
 
-
-__all__ = ["FULL_SHARE_MILLI", "FgdPolicy", "FragmentationDeltaPolicy"]
