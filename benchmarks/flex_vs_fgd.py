@@ -38,10 +38,23 @@ def main() -> None:
         bound = float(np.mean([b.unallocated_gpu_pct for b in bounds.values()]))
         closed = (fgd - flex) / (fgd - bound) * 100 if fgd > bound else 0.0
         walls = [float(np.mean([r.wall_s for r in by[p]])) for p in ("fgd", "flex")]
-        rows.append({"trace": trace, "fgd": fgd, "flex": flex, "ratio": flex / fgd, "bound": bound,
-                     "gap_closed_pct": closed, "wall_s": walls, "elapsed_s": time.perf_counter() - started})
-        print(f"{trace:<12} {fgd:7.3f} {flex:7.3f} {flex / fgd:6.3f} {bound:7.3f} {closed:6.1f}%  "
-              f"{walls[0]:.2f}/{walls[1]:.2f}", flush=True)
+        rows.append(
+            {
+                "trace": trace,
+                "fgd": fgd,
+                "flex": flex,
+                "ratio": flex / fgd,
+                "bound": bound,
+                "gap_closed_pct": closed,
+                "wall_s": walls,
+                "elapsed_s": time.perf_counter() - started,
+            }
+        )
+        print(
+            f"{trace:<12} {fgd:7.3f} {flex:7.3f} {flex / fgd:6.3f} {bound:7.3f} {closed:6.1f}%  "
+            f"{walls[0]:.2f}/{walls[1]:.2f}",
+            flush=True,
+        )
     ratios = [r["ratio"] for r in rows]
     print(f"mean ratio flex/fgd over {len(rows)} traces: {np.mean(ratios):.3f} (max {max(ratios):.3f})")
     if args.json:

@@ -69,6 +69,38 @@ def test_scenario(policy: str, nodes: list[Node], requests: list[Request], expec
     assert got == expected
 
 
+def test_flex_keeps_cpu_beside_idle_gpus() -> None:
+    """A CPU-only pod goes where it strands no GPU: FGD takes the first node by priority, flex the node whose
+    CPU is plentiful for its idle GPUs."""
+    lean = Node("a-lean", 26_000, 262_144, 2, "T4")
+    rich = Node("b-rich", 104_000, 524_288, 2, "T4")
+    workload = [R(1, 1000, cpu=10_000)] * 8 + [R(0, cpu=8_000)]
+    profile = WorkloadProfile.from_requests(workload)
+    chosen = {}
+    for policy in ("fgd", "flex"):
+        state = ClusterState([lean, rich])
+        result = Scheduler(state, create_policy(policy, PolicyContext(profile=profile))).schedule(R(0, cpu=8_000), "c")
+        assert result.placement is not None
+        chosen[policy] = state.nodes[result.placement.node_index].name
+    assert chosen == {"fgd": "a-lean", "flex": "b-rich"}
+
+
+def test_flex_keeps_a_scarce_model_for_the_requests_that_need_it() -> None:
+    """Half the demand may only run on T4, a quarter of the capacity: flex sends a pod that may run anywhere
+    to the other model even though the T4 node comes first in the node priority."""
+    t4 = Node("a-t4", 64_000, 262_144, 2, "T4")
+    g2 = Node("b-g2", 64_000, 262_144, 6, "G2")
+    workload = [R(1, 1000, models="T4")] * 4 + [R(1, 1000)] * 4
+    profile = WorkloadProfile.from_requests(workload)
+    chosen = {}
+    for policy in ("fgd", "flex"):
+        state = ClusterState([t4, g2])
+        result = Scheduler(state, create_policy(policy, PolicyContext(profile=profile))).schedule(R(1, 1000), "x")
+        assert result.placement is not None
+        chosen[policy] = state.nodes[result.placement.node_index].name
+    assert chosen == {"fgd": "a-t4", "flex": "b-g2"}
+
+
 def test_unschedulable_reason_names_the_constraint() -> None:
     scheduler = Scheduler(ClusterState([T4x2]), create_policy("fgd", PolicyContext(profile=profile_for([R()]))))
     result = scheduler.schedule(R(1, 1000, models="A100"), "x")
@@ -84,7 +116,9 @@ def test_ties_go_to_node_priority() -> None:
     assert result.placement is not None and result.placement.node_index == 2
 
 
-@pytest.mark.parametrize("name", ["random", "dotprod", "clustering", "packing", "bestfit", "fgd", "flex", "k8s-whole-gpu"])
+@pytest.mark.parametrize(
+    "name", ["random", "dotprod", "clustering", "packing", "bestfit", "fgd", "flex", "k8s-whole-gpu"]
+)
 def test_every_published_and_own_policy_is_registered(name: str) -> None:
     assert name in policy_names()
 

@@ -8,7 +8,9 @@ import pytest
 
 from flexai.sim.openb import TraceFormatError, bundled_names, load_nodes, load_pods
 
-HEADER11 = "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time"
+HEADER11 = (
+    "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time"
+)
 
 
 def write(tmp_path: Path, text: str, name: str = "pods.csv") -> str:
@@ -30,7 +32,17 @@ def test_bundled_default_trace_matches_the_paper() -> None:
 
 def test_bundled_names_list_every_variant() -> None:
     names = bundled_names("pods")
-    for name in ["default", "gpushare40", "gpushare80", "gpuspec10", "gpuspec25", "multigpu20", "multigpu40", "cpu050", "cpu200"]:
+    for name in [
+        "default",
+        "gpushare40",
+        "gpushare80",
+        "gpuspec10",
+        "gpuspec25",
+        "multigpu20",
+        "multigpu40",
+        "cpu050",
+        "cpu200",
+    ]:
         assert name in names
     assert bundled_names("nodes") == ["all", "gpu"]
 
@@ -52,10 +64,19 @@ def test_spec_and_clipping(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ("p1,abc,1024,1,500,,LS,Running,0,1,0", "pods.csv:2: column cpu_milli: value 'abc' is not allowed: an integer >= 0"),
+        (
+            "p1,abc,1024,1,500,,LS,Running,0,1,0",
+            "pods.csv:2: column cpu_milli: value 'abc' is not allowed: an integer >= 0",
+        ),
         ("p1,8000,-1,1,500,,LS,Running,0,1,0", "pods.csv:2: column memory_mib: value '-1' is not allowed"),
-        ("p1,8000,1024,99,1000,,LS,Running,0,1,0", "pods.csv:2: column num_gpu: value '99' is not allowed: an integer in 0..64"),
-        ("p1,8000,1024,2,500,,LS,Running,0,1,0", "pods.csv:2: column gpu_milli: value 500 is not allowed: 1000 when num_gpu = 2"),
+        (
+            "p1,8000,1024,99,1000,,LS,Running,0,1,0",
+            "pods.csv:2: column num_gpu: value '99' is not allowed: an integer in 0..64",
+        ),
+        (
+            "p1,8000,1024,2,500,,LS,Running,0,1,0",
+            "pods.csv:2: column gpu_milli: value 500 is not allowed: 1000 when num_gpu = 2",
+        ),
         ("p1,8000,1024,1,0,,LS,Running,0,1,0", "pods.csv:2: column gpu_milli: value '0' is not allowed"),
         ("p1,8000", "pods.csv:2: 2 columns, the header has 11"),
     ],

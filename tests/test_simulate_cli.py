@@ -35,8 +35,23 @@ def test_simulate_end_to_end(tiny: tuple[str, str], tmp_path: Path) -> None:
     out = tmp_path / "report"
     result = runner.invoke(
         app,
-        ["simulate", "--trace", pods, "--nodes", nodes, "--policy", "fgd,flex,bestfit,k8s-whole-gpu",
-         "--seeds", "1-2", "--json", str(tmp_path / "r.json"), "--out", str(out), "--jobs", "1"],
+        [
+            "simulate",
+            "--trace",
+            pods,
+            "--nodes",
+            nodes,
+            "--policy",
+            "fgd,flex,bestfit,k8s-whole-gpu",
+            "--seeds",
+            "1-2",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--out",
+            str(out),
+            "--jobs",
+            "1",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "unallocated GPU %" in result.output and "lower bound" in result.output

@@ -47,7 +47,10 @@ def parse_seeds(text: str) -> list[int]:
             else:
                 seeds.append(int(part))
         except ValueError:
-            fail(f"--seeds={text!r} is not allowed: give non-negative integers like 42-51 or 42,43,44 (bad part {part!r})")
+            fail(
+                f"--seeds={text!r} is not allowed: give non-negative integers like 42-51 or 42,43,44 "
+                f"(bad part {part!r})"
+            )
     if not seeds or min(seeds) < 0 or len(seeds) > 1000:
         fail(f"--seeds={text!r} is not allowed: 1..1000 non-negative integers like 42-51 or 42,43,44")
     return list(dict.fromkeys(seeds))
@@ -79,7 +82,9 @@ def main(
 
 @app.command()
 def simulate(
-    trace: Annotated[str, typer.Option(help="Bundled trace name (default, gpushare40, ...) or an openb CSV path.")] = "default",
+    trace: Annotated[
+        str, typer.Option(help="Bundled trace name (default, gpushare40, ...) or an openb CSV path.")
+    ] = "default",
     nodes: Annotated[str, typer.Option(help="Bundled node list (gpu, all) or an openb node CSV path.")] = "gpu",
     policy: Annotated[str, typer.Option(help="Policy names, comma-separated, or 'all'.")] = "all",
     seeds: Annotated[str, typer.Option(help="Seeds: 42-51 or 42,43,...")] = DEFAULT_SEEDS,
@@ -143,7 +148,10 @@ def simulate(
         write_json(json_path, doc)
     plot_curves(out / "unallocated_gpu.png", runs, bounds, f"trace {pods.name}: unallocated GPU vs arrived workload")
     (out / "report.md").write_text(markdown(doc, summaries))
-    console.print(f"report in [bold]{out}/[/] (report.md, unallocated_gpu.png, results.json) — {time.perf_counter() - started:.1f} s")
+    console.print(
+        f"report in [bold]{out}/[/] (report.md, unallocated_gpu.png, results.json) — "
+        f"{time.perf_counter() - started:.1f} s"
+    )
 
 
 def _print_table(summaries: list, doc: dict) -> None:

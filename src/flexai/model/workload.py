@@ -41,6 +41,29 @@ class WorkloadProfile:
 
     shapes: tuple[Shape, ...]
     weights: tuple[float, ...]
+    cpu_milli_per_share_milli: float = 0.0
+    """Host CPU that device requests bring per milli of device share (their demand ratio), 0 if unknown."""
+    host_memory_mib_per_share_milli: float = 0.0
+    """Host memory that device requests bring per milli of device share, 0 if unknown."""
+
+    @classmethod
+    def from_requests(
+        cls, requests: Iterable[Request], spec_labels: Iterable[str] | None = None, coverage: float = 0.95
+    ) -> WorkloadProfile:
+        """Shapes as in ``from_shapes`` plus the CPU and host memory that device requests bring per share."""
+        requests = list(requests)
+        labels = list(spec_labels) if spec_labels is not None else [None] * len(requests)
+        profile = cls.from_shapes((Shape.of(r, label) for r, label in zip(requests, labels, strict=True)), coverage)
+        device_requests = [r for r in requests if r.device_count]
+        share = sum(r.total_share_milli for r in device_requests)
+        if not share:
+            return profile
+        return cls(
+            profile.shapes,
+            profile.weights,
+            sum(r.cpu_milli for r in device_requests) / share,
+            sum(r.host_memory_mib for r in device_requests) / share,
+        )
 
     @classmethod
     def from_shapes(cls, shapes: Iterable[Shape], coverage: float = 0.95) -> WorkloadProfile:

@@ -1,6 +1,6 @@
 """The engine: framework, plugin registry and policies (one module each)."""
 
-from flexai.scheduler.framework import PolicyContext, Policy, Scheduler, ScheduleResult, Status
+from flexai.scheduler.framework import Policy, PolicyContext, Scheduler, ScheduleResult, Status
 from flexai.scheduler.registry import UnknownPolicyError, create_policy, policy_names
 
 __all__ = [

@@ -66,7 +66,9 @@ def lower_bound_unallocated(
     nodes: Sequence[Node], requests: Sequence[Request], time_limit_s: float = 20.0
 ) -> BoundResult:
     capacity = sum(n.device_count for n in nodes) * FULL_SHARE_MILLI
-    node_types = Counter((n.cpu_milli, n.host_memory_mib, n.device_count, n.device_model) for n in nodes if n.device_count)
+    node_types = Counter(
+        (n.cpu_milli, n.host_memory_mib, n.device_count, n.device_model) for n in nodes if n.device_count
+    )
     shapes = Counter(
         (r.cpu_milli, r.host_memory_mib, r.device_count, r.share_milli, r.allowed_models)
         for r in requests
@@ -75,7 +77,7 @@ def lower_bound_unallocated(
     types = list(node_types.items())
     shape_list = list(shapes.items())
     pairs: list[tuple[int, int]] = []
-    for s, ((cpu, mem, count, share, allowed), _) in enumerate(shape_list):
+    for s, ((cpu, mem, count, _share, allowed), _) in enumerate(shape_list):
         for t, ((t_cpu, t_mem, t_dev, t_model), _) in enumerate(types):
             if cpu <= t_cpu and mem <= t_mem and count <= t_dev and (not allowed or t_model in allowed):
                 pairs.append((s, t))

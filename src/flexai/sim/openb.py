@@ -51,7 +51,7 @@ class PodTrace:
         return [Shape.of(r, label) for r, label in zip(self.requests, self.spec_labels, strict=True)]
 
     def profile(self, coverage: float = 0.95) -> WorkloadProfile:
-        return WorkloadProfile.from_shapes(self.shapes(), coverage)
+        return WorkloadProfile.from_requests(self.requests, self.spec_labels, coverage)
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,9 @@ def _rows(display: str, text: str, required: tuple[str, ...]) -> tuple[list[str]
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
-        raise TraceFormatError(f"{display}:1: the file is empty; expected a header with {', '.join(required)}") from None
+        raise TraceFormatError(
+            f"{display}:1: the file is empty; expected a header with {', '.join(required)}"
+        ) from None
     missing = [c for c in required if c not in header]
     if missing:
         raise TraceFormatError(

@@ -41,7 +41,9 @@ def summarise(runs: Sequence[RunSummary]) -> list[PolicySummary]:
             PolicySummary(
                 policy=policy,
                 seeds=len(mine),
-                unallocated_mean={x: float(np.mean([r.unallocated_gpu_pct[x] for r in mine])) for x in REPORT_ARRIVED_PCT},
+                unallocated_mean={
+                    x: float(np.mean([r.unallocated_gpu_pct[x] for r in mine])) for x in REPORT_ARRIVED_PCT
+                },
                 unallocated_sd={x: _sd([r.unallocated_gpu_pct[x] for r in mine]) for x in REPORT_ARRIVED_PCT},
                 failed_pods_mean=float(np.mean([r.failed_pods for r in mine])),
                 placed_pods_at_100_mean=float(np.mean([r.placed_pods_at_100 for r in mine])),
@@ -89,9 +91,7 @@ def bound_summary(bounds: dict[int, BoundResult]) -> dict[str, object] | None:
     }
 
 
-def document(
-    trace: str, nodes: str, runs: Sequence[RunSummary], bounds: dict[int, BoundResult]
-) -> dict[str, object]:
+def document(trace: str, nodes: str, runs: Sequence[RunSummary], bounds: dict[int, BoundResult]) -> dict[str, object]:
     summaries = summarise(runs)
     return {
         "trace": trace,
@@ -171,7 +171,9 @@ def markdown(doc: dict[str, object], summaries: Sequence[PolicySummary]) -> str:
         "",
         "Unallocated GPU % (mean ± sd over seeds) against arrived workload; see `unallocated_gpu.png`.",
         "",
-        "| policy | " + " | ".join(f"{x} %" for x in REPORT_ARRIVED_PCT) + " | failed pods | GPU frag % at 100 | wall s |",
+        "| policy | "
+        + " | ".join(f"{x} %" for x in REPORT_ARRIVED_PCT)
+        + " | failed pods | GPU frag % at 100 | wall s |",
         "|---|" + "---|" * (len(REPORT_ARRIVED_PCT) + 3),
     ]
     for s in summaries:

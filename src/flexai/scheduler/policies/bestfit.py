@@ -18,7 +18,8 @@ class BestFitPolicy(Policy):
 
     def score(self, state: ClusterState, request: Request, feasible: np.ndarray) -> np.ndarray:
         free_gpu = state.free_share_milli.sum(axis=1)
-        left = 0.5 * (state.free_cpu_milli - request.cpu_milli) / CPU_NORM_MILLI + 0.5 * (
-            free_gpu - request.total_share_milli
-        ) / GPU_NORM_MILLI
+        left = (
+            0.5 * (state.free_cpu_milli - request.cpu_milli) / CPU_NORM_MILLI
+            + 0.5 * (free_gpu - request.total_share_milli) / GPU_NORM_MILLI
+        )
         return np.floor(100 * (1 - left)).astype(np.int64)

@@ -92,4 +92,3 @@ class FragmentationDeltaPolicy(Policy):
 @register
 class FgdPolicy(FragmentationDeltaPolicy):
     name = "fgd"
-
