@@ -86,19 +86,23 @@ def test_flex_keeps_cpu_beside_idle_gpus() -> None:
 
 
 def test_flex_keeps_a_scarce_model_for_the_requests_that_need_it() -> None:
-    """Half the demand may only run on T4, a quarter of the capacity: flex sends a pod that may run anywhere
-    to the other model even though the T4 node comes first in the node priority."""
+    """Half the demand may only run on T4, which holds a quarter of the capacity: T4 is under pressure 2.0,
+    and flex widens FGD's preference for sending a pod that may run anywhere to the other model."""
     t4 = Node("a-t4", 64_000, 262_144, 2, "T4")
     g2 = Node("b-g2", 64_000, 262_144, 6, "G2")
-    workload = [R(1, 1000, models="T4")] * 4 + [R(1, 1000)] * 4
-    profile = WorkloadProfile.from_requests(workload)
-    chosen = {}
+    profile = WorkloadProfile.from_requests([R(1, 1000, models="T4")] * 4 + [R(1, 1000)] * 4)
+    gaps = {}
     for policy in ("fgd", "flex"):
         state = ClusterState([t4, g2])
-        result = Scheduler(state, create_policy(policy, PolicyContext(profile=profile))).schedule(R(1, 1000), "x")
-        assert result.placement is not None
-        chosen[policy] = state.nodes[result.placement.node_index].name
-    assert chosen == {"fgd": "a-t4", "flex": "b-g2"}
+        chosen = create_policy(policy, PolicyContext(profile=profile))
+        scheduler = Scheduler(state, chosen)
+        scores = chosen.score(state, R(1, 1000), scheduler.feasible(R(1, 1000)))
+        gaps[policy] = int(scores[1] - scores[0])
+        if policy == "flex":
+            assert chosen.model_pressure[state.model_index["T4"]] == pytest.approx(2.0)
+            assert chosen.model_pressure[state.model_index["G2"]] == pytest.approx(0.0)
+        assert scheduler.schedule(R(1, 1000), "x").placement.node_index == 1
+    assert gaps["flex"] > gaps["fgd"] > 0
 
 
 def test_unschedulable_reason_names_the_constraint() -> None:
