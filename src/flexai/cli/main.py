@@ -71,12 +71,16 @@ def parse_policies(text: str) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def main(
+    context: typer.Context,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
     if version:
         console.print(f"flexai {__version__}")
+        raise typer.Exit()
+    if context.invoked_subcommand is None:
+        console.print(context.get_help())
         raise typer.Exit()
 
 

@@ -16,8 +16,11 @@ it) is at least the best real allocation:
 
 from __future__ import annotations
 
+import os
+import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +53,25 @@ def _dff_threshold(eps: float) -> Dff:
         return np.where(x > 1 - eps + 1e-12, 1.0, np.where(x < eps - 1e-12, 0.0, x))
 
     return u
+
+
+@contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """HiGHS's C++ core sometimes prints debug lines straight to file descriptor 1; keep them off the report."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
 
 
 @dataclass(frozen=True)
@@ -98,7 +120,9 @@ def lower_bound_unallocated(
 
     share_dffs: list[Dff] = [_dff_half] + [_dff_fs1(k) for k in range(1, 11)]
     distinct = sorted({float(x) for x in share if x < 1})
-    share_dffs += [_dff_threshold(e) for e in sorted({min(1 - x, x) for x in distinct}) if 0 < e <= 0.5]
+    # Thresholds just above 1 - x make a share x count as a whole device; thresholds at x drop smaller items.
+    eps = {round(1 - x + 1e-3, 6) for x in distinct} | set(distinct)
+    share_dffs += [_dff_threshold(e) for e in sorted(eps) if 0 < e <= 0.5]
     node_dffs: list[Dff] = [_dff_half, _dff_fs1(2), _dff_fs1(3)]
 
     rows: list[tuple[np.ndarray, float, np.ndarray]] = []  # (coefficients per pair, rhs, mask of pairs)
@@ -131,20 +155,31 @@ def lower_bound_unallocated(
         idx = np.flatnonzero(pair_s == s)
         a[i, idx] = 1.0
         upper[i] = count
-    result = milp(
+    with _quiet_stdout():
+        result = _solve(a, upper, gpu_milli, time_limit_s)
+    optimal = result.status == 0
+    return _finish(result, optimal, capacity, len(requests))
+
+
+def _solve(a: lil_matrix, upper: np.ndarray, gpu_milli: np.ndarray, time_limit_s: float):  # noqa: ANN202
+    return milp(
         c=-gpu_milli,
         constraints=LinearConstraint(a.tocsr(), -np.inf, upper),
-        integrality=np.ones(len(pairs)),
+        integrality=np.ones(len(gpu_milli)),
         bounds=Bounds(0, np.inf),
         options={"time_limit": time_limit_s, "disp": False},
     )
-    optimal = result.status == 0
-    if result.x is None and getattr(result, "mip_dual_bound", None) is None:
-        raise RuntimeError(f"the bound's MILP failed: {result.message}")
-    # For a minimisation of -allocated, the dual bound is a lower bound of -allocated.
+
+
+def _finish(result, optimal: bool, capacity: int, pods: int) -> BoundResult:  # noqa: ANN001
+    # We minimise -allocated: HiGHS's dual bound is a lower bound of -allocated, valid even when the time
+    # limit stopped the search; at optimality it equals the objective.
     dual = getattr(result, "mip_dual_bound", None)
-    best = -float(dual) if dual is not None and np.isfinite(dual) else -float(result.fun)
-    if optimal and result.fun is not None:
-        best = max(best, -float(result.fun)) if not np.isfinite(best) else best
+    if dual is not None and np.isfinite(dual):
+        best = -float(dual)
+    elif optimal and result.fun is not None:
+        best = -float(result.fun)
+    else:
+        raise RuntimeError(f"the bound's MILP gave no bound: {result.message}")
     best = min(best, float(capacity))
-    return BoundResult(100.0 * (1 - best / capacity), best, capacity, optimal, len(requests))
+    return BoundResult(100.0 * (1 - best / capacity), best, capacity, optimal, pods)

@@ -6,12 +6,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from flexai.sim.bound import BoundResult
 from flexai.sim.metrics import REPORT_ARRIVED_PCT
 from flexai.sim.runner import RunSummary
+
+if TYPE_CHECKING:
+    from flexai.sim.bound import BoundResult
 
 BASELINE_POLICY = "k8s-whole-gpu"
 

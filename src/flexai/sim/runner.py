@@ -7,13 +7,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from flexai.sim.bound import BoundResult, lower_bound_unallocated
 from flexai.sim.experiment import RunResult, build_arrivals, run_fill
 from flexai.sim.metrics import events_behind_point
 from flexai.sim.openb import NodeList, PodTrace, load_nodes, load_pods
+
+if TYPE_CHECKING:
+    from flexai.sim.bound import BoundResult
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ def _run_one(trace: str, nodes: str, policy: str, seed: int, inflate: float) -> 
 
 
 def _bound_one(trace: str, nodes: str, seed: int, inflate: float, time_limit_s: float) -> tuple[int, BoundResult]:
+    from flexai.sim.bound import lower_bound_unallocated  # scipy loads only when a bound is asked for
+
     pods, node_list = _trace(trace), _nodes(nodes)
     arrivals = build_arrivals(pods, node_list, seed, inflate, np.random.default_rng(seed))
     capacity = sum(n.device_count for n in node_list.nodes) * 1000
