@@ -20,7 +20,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# Piped output (CI logs, files) gets a fixed width wide enough for the result table.
+console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True)
 
 DEFAULT_SEEDS = "42-51"
@@ -161,17 +162,21 @@ def simulate(
 def _print_table(summaries: list, doc: dict) -> None:
     from flexai.sim.metrics import REPORT_ARRIVED_PCT
 
-    table = Table(title="unallocated GPU % at arrived workload (mean over seeds)")
+    table = Table(
+        title="unallocated GPU % at arrived workload (mean over seeds); demand placed % at arrived 100 %",
+    )
     table.add_column("policy", style="bold")
     for x in REPORT_ARRIVED_PCT:
         table.add_column(f"{x} %", justify="right")
     table.add_column("failed pods", justify="right")
+    table.add_column("demand placed %", justify="right")
     table.add_column("wall s", justify="right")
     for s in summaries:
         table.add_row(
             s.policy,
             *[f"{s.unallocated_mean[x]:.2f}" for x in REPORT_ARRIVED_PCT],
             f"{s.failed_pods_mean:.0f}",
+            f"{s.placed_demand_pct_at_100_mean:.2f}",
             f"{s.wall_s_mean:.2f}",
         )
     console.print(table)

@@ -25,9 +25,14 @@ def register(cls: P) -> P:
     return cls
 
 
+# Display order: the FGD paper's six in its order, then ours, then the no-sharing baseline.
+_PREFERRED_ORDER = ("random", "dotprod", "clustering", "packing", "bestfit", "fgd", "flex", "k8s-whole-gpu")
+
+
 def policy_names() -> list[str]:
     _load_builtin()
-    return list(_POLICIES)
+    preferred = [n for n in _PREFERRED_ORDER if n in _POLICIES]
+    return preferred + sorted(n for n in _POLICIES if n not in preferred)
 
 
 def create_policy(name: str, context: PolicyContext | None = None) -> Policy:

@@ -94,6 +94,10 @@ class RunResult:
     def curve(self, points: range = range(0, 131)) -> dict[int, float]:
         return binned_unallocated_pct(self.arrived_milli, self.allocated_milli, self.capacity_milli, points)
 
+    def placed_demand_curve(self, points: range = range(0, 131)) -> dict[int, float]:
+        unplaced = binned_unallocated_pct(self.arrived_milli, self.placed_demand_milli, self.capacity_milli, points)
+        return {x: round(100.0 - v, 2) for x, v in unplaced.items()}
+
 
 def run_fill(
     trace: PodTrace,

@@ -27,6 +27,8 @@ class RunSummary:
     seed: int
     unallocated_gpu_pct: dict[int, float]
     curve: dict[int, float]
+    placed_demand_curve: dict[int, float]
+    """GPU demand of the placed pods, % of capacity, against arrived % (what sharing buys over whole GPUs)."""
     failed_pods: int
     failed_pods_at_100: int
     placed_pods_at_100: int
@@ -41,6 +43,7 @@ class RunSummary:
             seed=run.seed,
             unallocated_gpu_pct=run.unallocated_gpu_pct,
             curve=run.curve(),
+            placed_demand_curve=run.placed_demand_curve(),
             failed_pods=run.failed_pods,
             failed_pods_at_100=run.failed_pods_at(100),
             placed_pods_at_100=run.placed_pods_at(100),
