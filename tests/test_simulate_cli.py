@@ -72,6 +72,16 @@ def test_simulate_end_to_end(tiny: tuple[str, str], tmp_path: Path) -> None:
     assert json.loads((out / "results.json").read_text()) == doc
 
 
+def test_a_trace_without_gpu_pods_is_refused(tmp_path: Path, tiny: tuple[str, str]) -> None:
+    cpu_only = tmp_path / "cpu.csv"
+    cpu_only.write_text("name,cpu_milli,memory_mib,num_gpu,gpu_milli\np1,1000,10,0,0\n")
+    result = runner.invoke(
+        app, ["simulate", "--trace", str(cpu_only), "--nodes", tiny[1], "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2
+    assert "has no pod with num_gpu > 0" in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

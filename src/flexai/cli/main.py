@@ -117,6 +117,8 @@ def simulate(
         fail(str(exc))
     if not any(n.device_count for n in node_list.nodes):
         fail(f"--nodes={nodes!r} has no GPU nodes: the experiment needs at least one device")
+    if not any(r.device_count for r in pods.requests):
+        fail(f"--trace={trace!r} has no pod with num_gpu > 0: the experiment fills GPU capacity with such pods")
     for target in [out] + ([json_path] if json_path else []):
         probe = target if target == out else target.parent
         if probe.exists() and not probe.is_dir():

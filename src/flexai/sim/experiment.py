@@ -33,6 +33,10 @@ class Arrivals:
 
 def build_arrivals(trace: PodTrace, nodes: NodeList, seed: int, inflate: float, rng: np.random.Generator) -> Arrivals:
     capacity_milli = sum(n.device_count for n in nodes.nodes) * 1000
+    if capacity_milli == 0:
+        raise ValueError(f"nodes {nodes.name!r} have no devices: the experiment fills GPU capacity")
+    if not (trace.total_share_milli > 0).any():
+        raise ValueError(f"trace {trace.name!r} has no pod that asks for a GPU: nothing to fill the cluster with")
     by_name = np.array(sorted(range(len(trace.pod_names)), key=lambda i: trace.pod_names[i]), dtype=np.int64)
     total = trace.total_share_milli
     per_device = trace.per_device_share_milli
