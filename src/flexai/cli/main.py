@@ -193,5 +193,12 @@ def _print_table(summaries: list, doc: dict) -> None:
         console.print(f"lower bound on unallocated GPU % at arrived 100 %: {lb['mean']:.2f} (sd {lb['sd']:.2f})")
 
 
+def _register_subcommands() -> None:
+    import flexai.cli.pool_cmds  # noqa: F401  (registers serve, run, ps, pool, events, logs, cancel)
+
+
+_register_subcommands()
+
+
 if __name__ == "__main__":
     app()

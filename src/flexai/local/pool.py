@@ -1,0 +1,515 @@
+"""The embedded pool: one machine's devices, a job queue placed by the engine, processes held to their slices.
+
+`Pool` has no HTTP in it: the daemon (`flexai serve`) calls `tick()` and `timeslice()` from its loop and the
+API calls `submit`, `cancel` and the views. Devices are grouped by (model, memory); each group is a node of
+the engine's ClusterState, so a job's devices are always of one model, and the `flex` policy places it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flexai.local.procfs import process_start_ticks, process_state
+from flexai.local.store import ACTIVE_STATES, JobRecord, Store
+from flexai.model import ClusterState, Node, Placement, Request, RequestError
+from flexai.model.workload import WorkloadProfile
+from flexai.node.devices import DeviceBackend, DeviceInfo
+from flexai.scheduler import PolicyContext, Scheduler, Status, create_policy
+
+MIB_PER_GIB = 1024
+
+
+class SubmitError(ValueError):
+    """A request refused at submit: the message names the field, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    share_step_milli: int = 100
+    """Slices are multiples of this share (100 = 10 % steps)."""
+    memory_grace_s: float = 5.0
+    """How long a job may stay over its device-memory quota before it is stopped."""
+    lending: bool = True
+    """Share left idle on a device is lent to the jobs running there; off = strict isolation."""
+    timeslice_period_s: float = 0.5
+    """One time-slicing cycle; each contending job runs for its share of it."""
+    starvation_limit_s: float = 30.0
+    """After the first job in queue order has waited this long, nothing starts ahead of it."""
+    policy: str = "flex"
+
+
+@dataclass
+class JobSubmission:
+    command: list[str]
+    share_milli: int = 1000
+    memory_mib: int = 0
+    count: int = 1
+    model: str = ""
+    priority: int = 0
+    name: str = ""
+    cwd: str = "/"
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Running:
+    record: JobRecord
+    process: subprocess.Popen[bytes] | None
+    over_quota_since: float | None = None
+    stopped_by_slicer: bool = False
+
+
+class Pool:
+    def __init__(
+        self,
+        state_dir: Path,
+        backend: DeviceBackend,
+        devices: list[DeviceInfo],
+        config: PoolConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not devices:
+            raise ValueError("a pool needs at least one device")
+        self.config = config or PoolConfig()
+        if not 1 <= self.config.share_step_milli <= 1000 or 1000 % self.config.share_step_milli:
+            raise ValueError(f"share step {self.config.share_step_milli}m is not allowed: a divisor of 1000m")
+        self.state_dir = state_dir
+        self.logs_dir = state_dir / "logs"
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.backend = backend
+        self.devices = devices
+        self.clock = clock
+        self.store = Store(state_dir / "state.db")
+        groups: dict[tuple[str, int], list[DeviceInfo]] = {}
+        for device in devices:
+            groups.setdefault((device.model, device.memory_mib), []).append(device)
+        self.group_devices: list[list[DeviceInfo]] = list(groups.values())
+        nodes = [
+            Node(
+                name=f"local/{model}-{memory}MiB",
+                cpu_milli=1 << 40,
+                host_memory_mib=1 << 40,
+                device_count=len(members),
+                device_model=model,
+                device_memory_mib=memory,
+            )
+            for (model, memory), members in groups.items()
+        ]
+        self.state = ClusterState(nodes)
+        self._running: dict[str, _Running] = {}
+        self._head_waiting_since: dict[str, float] = {}
+        self._profile_jobs = -1
+        self._scheduler = self._new_scheduler()
+        self.utilisation_history: list[dict[str, object]] = []
+        self.store.put_meta("devices", [_device_dict(d) for d in devices])
+        self.recover()
+
+    # ------------------------------------------------------------------ engine
+    def _profile(self) -> WorkloadProfile:
+        """Shapes of the jobs this pool has seen (online statistics); a grid of slices until there are some."""
+        history = [self._request(j) for j in self.store.jobs()[-1000:] if j.state != "rejected"]
+        if len(history) < 10:
+            step = self.config.share_step_milli
+            history += [Request(device_count=1, share_milli=s) for s in range(step, 1001, step)]
+        return WorkloadProfile.from_requests(history, coverage=1.0)
+
+    def _new_scheduler(self) -> Scheduler:
+        self._profile_jobs = len(self.store.jobs())
+        policy = create_policy(self.config.policy, PolicyContext(profile=self._profile()))
+        return Scheduler(self.state, policy)
+
+    def _request(self, job: JobRecord | JobSubmission) -> Request:
+        return Request(
+            device_count=job.device_count if isinstance(job, JobRecord) else job.count,
+            share_milli=job.share_milli,
+            device_memory_mib=job.memory_mib,
+            allowed_models=frozenset({job.model}) if job.model else frozenset(),
+            priority=job.priority,
+        )
+
+    # ------------------------------------------------------------------ submit
+    def validate(self, sub: JobSubmission) -> Request:
+        step = self.config.share_step_milli
+        if not sub.command:
+            raise SubmitError("command=[] is not allowed: give the command to run after --")
+        if not 1 <= sub.share_milli <= 1000 or sub.share_milli % step:
+            raise SubmitError(
+                f"share={sub.share_milli}m is not allowed: a multiple of {step}m ({step // 10} %) "
+                f"from {step}m to 1000m (100 %)"
+            )
+        models = sorted({d.model for d in self.devices})
+        if sub.model and sub.model not in models:
+            raise SubmitError(f"model={sub.model!r} is not allowed: this pool has {', '.join(models)}")
+        candidates = [g for g in self.group_devices if not sub.model or g[0].model == sub.model]
+        most = max(len(g) for g in candidates)
+        if not 1 <= sub.count <= most:
+            raise SubmitError(f"count={sub.count} is not allowed: 1..{most} devices of one model on this machine")
+        largest = max(g[0].memory_mib for g in candidates)
+        if sub.memory_mib < 0 or sub.memory_mib > largest:
+            raise SubmitError(f"memory={sub.memory_mib}MiB is not allowed: 0..{largest}MiB (the largest device here)")
+        if sub.count > 1 and sub.share_milli < 1000:
+            raise SubmitError(f"share={sub.share_milli}m is not allowed with count={sub.count}: 1000m per device")
+        try:
+            request = self._request(sub)
+        except RequestError as exc:
+            raise SubmitError(str(exc)) from None
+        if not Scheduler(ClusterState(self.state.nodes), create_policy("bestfit")).feasible(request).any():
+            raise SubmitError(
+                f"count={sub.count} share={sub.share_milli}m memory={sub.memory_mib}MiB can never fit on this machine"
+            )
+        return request
+
+    def submit(self, sub: JobSubmission) -> JobRecord:
+        self.validate(sub)
+        job = JobRecord(
+            id=uuidlib.uuid4().hex[:12],
+            name=sub.name or Path(sub.command[0]).name,
+            command=list(sub.command),
+            cwd=sub.cwd,
+            env=dict(sub.env),
+            device_count=sub.count,
+            share_milli=sub.share_milli,
+            memory_mib=sub.memory_mib,
+            model=sub.model,
+            priority=sub.priority,
+        )
+        return self.store.insert_job(job, f"queued {job.name}: {sub.count} x {sub.share_milli}m, {sub.memory_mib} MiB")
+
+    def cancel(self, job_id: str) -> JobRecord:
+        job = self.store.job(job_id)
+        if job is None:
+            raise KeyError(f"job {job_id!r} not found")
+        if job.state == "queued":
+            self.store.update_job(
+                job.id, "cancelled", "cancelled while queued", state="cancelled", ended_at=time.time()
+            )
+        elif job.state == "running":
+            self._kill(job.id, "cancelled", "cancelled by request")
+        return self.store.job(job.id)  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ loop
+    def tick(self) -> None:
+        """Reap finished jobs, enforce memory quotas, start what fits. Called often by the daemon."""
+        self._reap()
+        self._watch_memory()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if len(self.store.jobs()) - self._profile_jobs >= 50:
+            self._scheduler = self._new_scheduler()
+        queued = sorted(self.store.jobs(("queued",)), key=lambda j: (-j.priority, j.seq))
+        head_blocked: JobRecord | None = None
+        now = self.clock()
+        for job in queued:
+            if head_blocked is not None:
+                waited = now - self._head_waiting_since.setdefault(head_blocked.id, now)
+                if waited >= self.config.starvation_limit_s:
+                    break  # drain: nothing more starts ahead of the long-waiting head
+            result = self._scheduler.schedule(self._request(job), job.id)
+            if result.status is Status.SCHEDULED and result.placement is not None:
+                self._head_waiting_since.pop(job.id, None)
+                self._start(job, result.placement)
+            elif head_blocked is None:
+                head_blocked = job
+
+    def _slices(self, placement: Placement) -> list[dict[str, object]]:
+        group = self.group_devices[placement.node_index]
+        return [
+            {
+                "device": group[d].index,
+                "uuid": group[d].uuid,
+                "model": group[d].model,
+                "share_milli": placement.share_milli,
+                "memory_mib": placement.device_memory_mib,
+            }
+            for d in placement.device_indices
+        ]
+
+    def job_environment(self, job: JobRecord, slices: list[dict[str, object]]) -> dict[str, str]:
+        """What a job process gets: identity, its slices, the vendor's visibility variable, and the variables
+        that HAMi-core and NVIDIA MPS read, so machines with those layers hold the job to hard limits."""
+        env = dict(job.env)
+        indices = [int(s["device"]) for s in slices]  # type: ignore[call-overload]
+        uuids = [str(s["uuid"]) for s in slices]
+        env.update(self.backend.visibility_env(indices, uuids))
+        share_pct = job.share_milli // 10
+        env["FLEXAI_JOB_ID"] = job.id
+        env["FLEXAI_SLICES"] = json.dumps(slices)
+        env["CUDA_DEVICE_SM_LIMIT"] = str(share_pct)
+        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(share_pct)
+        if job.memory_mib:
+            for visible_index in range(len(slices)):
+                env[f"CUDA_DEVICE_MEMORY_LIMIT_{visible_index}"] = f"{job.memory_mib}m"
+            env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = ",".join(f"{i}={job.memory_mib}M" for i in range(len(slices)))
+            env["FLEXAI_MEMORY_LIMIT_MIB"] = str(job.memory_mib)
+        return env
+
+    def _paths(self, job_id: str) -> tuple[Path, Path]:
+        return self.logs_dir / f"{job_id}.log", self.logs_dir / f"{job_id}.exit"
+
+    def log_path(self, job_id: str) -> Path:
+        return self._paths(job_id)[0]
+
+    def _start(self, job: JobRecord, placement: Placement) -> None:
+        slices = self._slices(placement)
+        log, exit_file = self._paths(job.id)
+        exit_file.unlink(missing_ok=True)
+        env = self.job_environment(job, slices)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "flexai.local.shim", str(exit_file), str(log), "--", *job.command],
+                cwd=job.cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self.state.unreserve(job.id)
+            self.store.update_job(
+                job.id, "failed", f"could not start: {exc}", state="failed", reason=str(exc), ended_at=time.time()
+            )
+            return
+        job.pid = process.pid
+        job.state = "running"
+        job.slices = slices
+        self.store.update_job(
+            job.id,
+            "started",
+            "started on " + ", ".join(f"device {s['device']} ({s['share_milli']}m)" for s in slices),
+            state="running",
+            pid=process.pid,
+            pid_start_ticks=process_start_ticks(process.pid),
+            slices=slices,
+            started_at=time.time(),
+        )
+        self._running[job.id] = _Running(job, process)
+
+    def _finish(self, job_id: str, state: str, reason: str, exit_code: int | None) -> None:
+        running = self._running.pop(job_id, None)
+        if running and running.process is not None:
+            running.process.poll()
+        self.state.unreserve(job_id)
+        self.store.update_job(
+            job_id, state, reason or state, state=state, reason=reason, exit_code=exit_code, ended_at=time.time()
+        )
+
+    def _reap(self) -> None:
+        for job_id, running in list(self._running.items()):
+            _, exit_file = self._paths(job_id)
+            if running.process is not None:
+                running.process.poll()
+            alive = _alive(running.record.pid, running.record.pid_start_ticks)
+            if exit_file.exists():
+                code = int(exit_file.read_text().strip() or 1)
+                if alive and running.process is not None and running.process.returncode is None:
+                    continue  # the shim is still writing out
+                self._finish(job_id, "succeeded" if code == 0 else "failed", f"exit code {code}", code)
+            elif not alive:
+                self._finish(job_id, "lost", "the job's process ended without recording an exit status", None)
+
+    def _kill(self, job_id: str, state: str, reason: str) -> None:
+        running = self._running.get(job_id)
+        if running is None or running.record.pid is None:
+            return
+        pgid = running.record.pid
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+        if running.process is not None:
+            running.process.wait(timeout=10)
+        self._finish(job_id, state, reason, None)
+
+    # ------------------------------------------------------------------ memory
+    def _watch_memory(self) -> None:
+        if not self._running:
+            return
+        now = self.clock()
+        usage: dict[str, dict[int, int]] = {}
+        devices_in_use = {int(s["device"]) for r in self._running.values() for s in (r.record.slices or [])}
+        group_of = {r.record.pid: job_id for job_id, r in self._running.items() if r.record.pid}
+        for device in devices_in_use:
+            for pid, mib in self.backend.process_memory_mib(device).items():
+                job_id = group_of.get(_process_group(pid))
+                if job_id is not None:
+                    usage.setdefault(job_id, {}).setdefault(device, 0)
+                    usage[job_id][device] += mib
+        for job_id, running in list(self._running.items()):
+            quota = running.record.memory_mib
+            worst = max(usage.get(job_id, {}).items(), key=lambda kv: kv[1], default=None)
+            if not quota or worst is None or worst[1] <= quota:
+                running.over_quota_since = None
+                continue
+            if running.over_quota_since is None:
+                running.over_quota_since = now
+                self.store.event(job_id, "memory", f"device {worst[0]}: {worst[1]} MiB over the quota of {quota} MiB")
+            elif now - running.over_quota_since >= self.config.memory_grace_s:
+                self._kill(
+                    job_id,
+                    "stopped",
+                    f"device memory {worst[1]} MiB on device {worst[0]} over the quota of {quota} MiB "
+                    f"for {self.config.memory_grace_s:g} s",
+                )
+
+    # ------------------------------------------------------------------ compute
+    def timeslice(self) -> None:
+        """Gate jobs that share a device so that each gets its share of device time.
+
+        Per device, a cycle of ``timeslice_period_s`` is cut into one turn per job, proportional to its share;
+        with lending on, the turns fill the whole cycle (idle share goes to those running), and a lone job
+        is never paused; with lending off, the cycle's unallocated rest is idle time for everybody.
+        """
+        now = self.clock()
+        period = self.config.timeslice_period_s
+        want_running: dict[str, bool] = {job_id: True for job_id in self._running}
+        by_device: dict[int, list[_Running]] = {}
+        for running in self._running.values():
+            if running.record.share_milli < 1000:
+                for s in running.record.slices or []:
+                    by_device.setdefault(int(s["device"]), []).append(running)  # type: ignore[call-overload]
+        for members in by_device.values():
+            members.sort(key=lambda r: r.record.seq)
+            shares = [r.record.share_milli for r in members]
+            if self.config.lending and len(members) == 1:
+                continue
+            total = sum(shares) if self.config.lending else 1000
+            phase = (now % period) / period * total
+            start = 0.0
+            for running, share in zip(members, shares, strict=True):
+                inside = start <= phase < start + share
+                want_running[running.record.id] = want_running[running.record.id] and inside
+                start += share
+        for job_id, run in want_running.items():
+            self._gate(self._running[job_id], run)
+
+    def _gate(self, running: _Running, run: bool) -> None:
+        if running.record.pid is None or run == (not running.stopped_by_slicer):
+            return
+        try:
+            os.killpg(running.record.pid, signal.SIGCONT if run else signal.SIGSTOP)
+        except ProcessLookupError:
+            return
+        running.stopped_by_slicer = not run
+
+    # ------------------------------------------------------------------ recovery
+    def recover(self) -> None:
+        """After a restart: re-adopt running jobs whose process lives, finish those that ended, mark the rest
+        lost; rebuild the ledger so that no slice is granted twice."""
+        for job in self.store.jobs(("running",)):
+            _, exit_file = self._paths(job.id)
+            if not job.slices or job.pid is None:
+                self.store.update_job(job.id, "lost", "no placement recorded", state="lost", ended_at=time.time())
+                continue
+            placement = self._placement_of(job)
+            if placement is None:
+                self.store.update_job(
+                    job.id, "lost", "its devices are no longer in the pool", state="lost", ended_at=time.time()
+                )
+                continue
+            self.state.reserve(job.id, placement)
+            self._running[job.id] = _Running(job, None)
+            try:
+                os.killpg(job.pid, signal.SIGCONT)  # a restart must not leave a job paused by the slicer
+            except (ProcessLookupError, PermissionError):
+                pass
+            if _alive(job.pid, job.pid_start_ticks) or exit_file.exists():
+                self.store.event(job.id, "adopted", f"re-adopted running job (pid {job.pid})")
+        self._reap()
+
+    def _placement_of(self, job: JobRecord) -> Placement | None:
+        wanted = [int(s["device"]) for s in job.slices or []]  # type: ignore[call-overload]
+        for node_index, group in enumerate(self.group_devices):
+            local = {d.index: i for i, d in enumerate(group)}
+            if all(w in local for w in wanted):
+                return Placement(node_index, tuple(local[w] for w in wanted), job.share_milli, job.memory_mib, 0, 0)
+        return None
+
+    def shutdown(self) -> None:
+        """Stop the daemon's side only: jobs keep running and are re-adopted on the next start."""
+        for running in self._running.values():
+            self._gate(running, True)
+        self.store.close()
+
+    # ------------------------------------------------------------------ views
+    def pool_view(self) -> dict[str, object]:
+        devices = []
+        for node_index, group in enumerate(self.group_devices):
+            for local_index, device in enumerate(group):
+                slices = [
+                    {
+                        "job": job_id,
+                        "name": self._running[job_id].record.name if job_id in self._running else job_id,
+                        "share_milli": p.share_milli,
+                        "memory_mib": p.device_memory_mib,
+                    }
+                    for job_id, p in self.state.grants.items()
+                    if p.node_index == node_index and local_index in p.device_indices
+                ]
+                devices.append(
+                    {
+                        "index": device.index,
+                        "uuid": device.uuid,
+                        "model": device.model,
+                        "memory_mib": device.memory_mib,
+                        "free_share_milli": int(self.state.free_share_milli[node_index, local_index]),
+                        "free_memory_mib": int(self.state.free_device_memory_mib[node_index, local_index]),
+                        "slices": slices,
+                    }
+                )
+        queued = len(self.store.jobs(("queued",)))
+        return {
+            "backend": self.backend.name,
+            "share_step_milli": self.config.share_step_milli,
+            "lending": self.config.lending,
+            "devices": devices,
+            "running": len(self._running),
+            "queued": queued,
+        }
+
+    def record_utilisation(self) -> None:
+        """One point of allocated share per device, for the dashboard's history."""
+        point = {"ts": time.time(), "allocated_share_milli": {}}
+        for node_index, group in enumerate(self.group_devices):
+            for local_index, device in enumerate(group):
+                used = 1000 - int(self.state.free_share_milli[node_index, local_index])
+                point["allocated_share_milli"][str(device.index)] = used  # type: ignore[index]
+        self.utilisation_history.append(point)
+        del self.utilisation_history[:-600]
+
+
+def _alive(pid: int | None, start_ticks: int | None) -> bool:
+    if pid is None:
+        return False
+    ticks = process_start_ticks(pid)
+    if ticks is None:
+        return False
+    if start_ticks is not None and ticks != start_ticks:
+        return False  # the pid was reused by another process
+    return process_state(pid) not in (None, "Z")
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _device_dict(device: DeviceInfo) -> dict[str, object]:
+    return dataclasses.asdict(device)
+
+
+__all__ = ["ACTIVE_STATES", "JobSubmission", "Pool", "PoolConfig", "SubmitError", "MIB_PER_GIB"]

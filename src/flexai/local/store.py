@@ -1,0 +1,220 @@
+"""The pool's durable state: jobs and events in SQLite (WAL), so that `kill -9` of the daemon loses nothing.
+
+Every change is one transaction; the daemon rebuilds its ledger from the jobs table on start.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "stopped", "lost", "rejected")
+ACTIVE_STATES = ("queued", "running")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    name TEXT NOT NULL,
+    command TEXT NOT NULL,
+    cwd TEXT NOT NULL,
+    env TEXT NOT NULL,
+    device_count INTEGER NOT NULL,
+    share_milli INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    exit_code INTEGER,
+    pid INTEGER,
+    pid_start_ticks INTEGER,
+    slices TEXT,
+    submitted_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    job_id TEXT,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+"""
+
+
+@dataclass
+class JobRecord:
+    id: str
+    name: str
+    command: list[str]
+    cwd: str
+    env: dict[str, str]
+    device_count: int
+    share_milli: int
+    memory_mib: int
+    model: str
+    priority: int
+    state: str = "queued"
+    reason: str = ""
+    exit_code: int | None = None
+    pid: int | None = None
+    pid_start_ticks: int | None = None
+    slices: list[dict[str, object]] | None = None
+    submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
+    seq: int = 0
+
+    def public(self) -> dict[str, object]:
+        """What the API shows (the job's environment stays private)."""
+        data = asdict(self)
+        data.pop("env")
+        data.pop("pid_start_ticks")
+        return data
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    ts: float
+    job_id: str | None
+    kind: str
+    message: str
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        with self.tx():
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row["value"]) != SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"state {path} has schema version {row['value']}, this flexai reads {SCHEMA_VERSION}"
+                )
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One atomic transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------ jobs
+    def insert_job(self, job: JobRecord, event: str) -> JobRecord:
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO jobs (id, name, command, cwd, env, device_count, share_milli, memory_mib, model, priority,"
+                " state, reason, submitted_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    job.id,
+                    job.name,
+                    json.dumps(job.command),
+                    job.cwd,
+                    json.dumps(job.env),
+                    job.device_count,
+                    job.share_milli,
+                    job.memory_mib,
+                    job.model,
+                    job.priority,
+                    job.state,
+                    job.reason,
+                    job.submitted_at,
+                ),
+            )
+            job.seq = int(cur.lastrowid or 0)
+            self._event(db, job.id, "submitted", event)
+        return job
+
+    def update_job(self, job_id: str, event_kind: str | None = None, event: str = "", **fields: object) -> None:
+        if not fields:
+            return
+        encoded = {
+            k: json.dumps(v) if k in ("slices", "command", "env") and v is not None else v for k, v in fields.items()
+        }
+        assignments = ", ".join(f"{k} = ?" for k in encoded)
+        with self.tx() as db:
+            db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*encoded.values(), job_id))
+            if event_kind:
+                self._event(db, job_id, event_kind, event)
+
+    def job(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM jobs WHERE id = ? OR name = ? ORDER BY seq DESC", (job_id, job_id)
+            ).fetchone()
+        return self._job(row) if row else None
+
+    def jobs(self, states: tuple[str, ...] | None = None) -> list[JobRecord]:
+        with self._lock:
+            if states:
+                marks = ",".join("?" for _ in states)
+                rows = self._db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq", states).fetchall()
+            else:
+                rows = self._db.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
+        return [self._job(r) for r in rows]
+
+    @staticmethod
+    def _job(row: sqlite3.Row) -> JobRecord:
+        data = dict(row)
+        data["command"] = json.loads(data["command"])
+        data["env"] = json.loads(data["env"])
+        data["slices"] = json.loads(data["slices"]) if data["slices"] else None
+        return JobRecord(**data)
+
+    # ------------------------------------------------------------------ events
+    def event(self, job_id: str | None, kind: str, message: str) -> None:
+        with self.tx() as db:
+            self._event(db, job_id, kind, message)
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, job_id: str | None, kind: str, message: str) -> None:
+        db.execute(
+            "INSERT INTO events (ts, job_id, kind, message) VALUES (?,?,?,?)", (time.time(), job_id, kind, message)
+        )
+
+    def events(self, after_id: int = 0, limit: int = 1000) -> list[Event]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+            ).fetchall()
+        return [Event(**dict(r)) for r in rows]
+
+    # ------------------------------------------------------------------ meta
+    def put_meta(self, key: str, value: object) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def meta(self, key: str) -> object | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row["value"]) if row else None

@@ -1,0 +1,179 @@
+"""The embedded pool: placement of slices, the queue, refusals at submit, memory watchdog, time-slicing and
+recovery after the daemon dies."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from flexai.local.pool import JobSubmission, Pool, PoolConfig, SubmitError
+from flexai.node.devices import discover
+from tests.pool_helpers import busy_command, gated_command, group_cpu_seconds, wait_for
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_pool(tmp_path: Path, spec: str = "2xA100-80GB", **config: object) -> Pool:
+    backend, devices = discover(f"sim:{spec}")
+    return Pool(tmp_path / "state", backend, devices, PoolConfig(**config))  # type: ignore[arg-type]
+
+
+def states(pool: Pool) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for job in pool.store.jobs():
+        counts[job.state] = counts.get(job.state, 0) + 1
+    return counts
+
+
+def release_all(tmp_path: Path) -> None:
+    for n in range(20):
+        (tmp_path / f"release-{n}").touch()
+
+
+def test_eight_30pct_jobs_run_three_per_device_and_the_queue_moves(tmp_path: Path) -> None:
+    pool = make_pool(tmp_path)
+    jobs = [
+        pool.submit(JobSubmission(gated_command(tmp_path / f"release-{n}"), share_milli=300, memory_mib=10 * 1024))
+        for n in range(8)
+    ]
+    try:
+        pool.tick()
+        assert states(pool) == {"running": 6, "queued": 2}
+        view = pool.pool_view()
+        assert [len(d["slices"]) for d in view["devices"]] == [3, 3]
+        assert [d["free_share_milli"] for d in view["devices"]] == [100, 100]
+        granted = {s["job"] for d in view["devices"] for s in d["slices"]}
+        assert granted == {j.id for j in pool.store.jobs(("running",))}
+        # One running job ends: the first queued job takes its slice.
+        first_running = pool.store.jobs(("running",))[0]
+        index = [j.id for j in jobs].index(first_running.id)
+        (tmp_path / f"release-{index}").touch()
+        wait_for(lambda: states(pool) == {"running": 6, "queued": 1, "succeeded": 1}, pool.tick)
+        assert pool.store.job(jobs[6].id).state == "running"  # arrival order among equal priorities
+    finally:
+        release_all(tmp_path)
+        wait_for(lambda: not pool.store.jobs(("running", "queued")), pool.tick, 30)
+    assert pool.log_path(jobs[0].id).read_text().strip() == "done"
+
+
+@pytest.mark.parametrize(
+    ("submission", "message"),
+    [
+        ({"share_milli": 1100}, "share=1100m is not allowed: a multiple of 100m (10 %) from 100m to 1000m (100 %)"),
+        ({"share_milli": 350}, "share=350m is not allowed: a multiple of 100m"),
+        ({"memory_mib": 90 * 1024}, "memory=92160MiB is not allowed: 0..81920MiB"),
+        ({"model": "H100"}, "model='H100' is not allowed: this pool has A100"),
+        ({"count": 3}, "count=3 is not allowed: 1..2 devices of one model"),
+        ({"count": 2, "share_milli": 500}, "share=500m is not allowed with count=2: 1000m per device"),
+    ],
+)
+def test_bad_requests_are_refused_at_submit(tmp_path: Path, submission: dict[str, int | str], message: str) -> None:
+    pool = make_pool(tmp_path)
+    with pytest.raises(SubmitError) as info:
+        pool.submit(JobSubmission(["true"], **submission))  # type: ignore[arg-type]
+    assert message in str(info.value)
+    assert pool.store.jobs() == []  # nothing half-accepted
+
+
+def test_job_environment_carries_slices_visibility_and_limits(tmp_path: Path) -> None:
+    pool = make_pool(tmp_path)
+    out = tmp_path / "env.json"
+    code = f"import json, os; json.dump(dict(os.environ), open({str(out)!r}, 'w'))"
+    job = pool.submit(JobSubmission(["python3", "-c", code], share_milli=300, memory_mib=8192, env={"KEEP": "1"}))
+    pool.tick()
+    wait_for(lambda: pool.store.job(job.id).state == "succeeded", pool.tick)
+    env = json.loads(out.read_text())
+    slices = json.loads(env["FLEXAI_SLICES"])
+    assert env["FLEXAI_JOB_ID"] == job.id and env["KEEP"] == "1"
+    assert slices == [
+        {"device": 0, "uuid": slices[0]["uuid"], "model": slices[0]["model"], "share_milli": 300, "memory_mib": 8192}
+    ]
+    assert env["CUDA_DEVICE_MEMORY_LIMIT_0"] == "8192m" and env["CUDA_DEVICE_SM_LIMIT"] == "30"
+    assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30" and env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=8192M"
+
+
+def test_memory_watchdog_stops_only_the_job_over_its_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    usage_file = tmp_path / "usage.json"
+    usage_file.write_text("{}")
+    monkeypatch.setenv("FLEXAI_SIM_MEMORY_FILE", str(usage_file))
+    clock = FakeClock()
+    backend, devices = discover("sim:1xA100-80GB")
+    pool = Pool(tmp_path / "state", backend, devices, PoolConfig(memory_grace_s=5), clock=clock)
+    greedy = pool.submit(JobSubmission(gated_command(tmp_path / "release-0"), share_milli=500, memory_mib=1024))
+    neighbour = pool.submit(JobSubmission(gated_command(tmp_path / "release-1"), share_milli=500, memory_mib=1024))
+    try:
+        pool.tick()
+        pids = {j.id: j.pid for j in pool.store.jobs(("running",))}
+        usage_file.write_text(json.dumps({str(pids[greedy.id]): 4096, str(pids[neighbour.id]): 512}))
+        pool.tick()
+        assert pool.store.job(greedy.id).state == "running"  # within its grace
+        clock.now += 6
+        pool.tick()
+        stopped = pool.store.job(greedy.id)
+        assert stopped.state == "stopped"
+        assert "4096 MiB on device 0 over the quota of 1024 MiB" in stopped.reason
+        assert pool.store.job(neighbour.id).state == "running"
+    finally:
+        release_all(tmp_path)
+        wait_for(lambda: not pool.store.jobs(("running", "queued")), pool.tick, 30)
+
+
+def test_time_slicing_gives_each_job_its_share_and_lends_idle_share(tmp_path: Path) -> None:
+    pool = make_pool(tmp_path, "1xA100-80GB", timeslice_period_s=0.2)
+    small = pool.submit(JobSubmission(busy_command(30), share_milli=300))
+    large = pool.submit(JobSubmission(busy_command(30), share_milli=700))
+    try:
+        pool.tick()
+        pids = {j.id: j.pid for j in pool.store.jobs(("running",))}
+        start = {k: group_cpu_seconds(p) for k, p in pids.items()}
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            pool.timeslice()
+            time.sleep(0.005)
+        used = {k: group_cpu_seconds(p) - start[k] for k, p in pids.items()}
+        fraction = used[small.id] / (used[small.id] + used[large.id])
+        assert 0.25 <= fraction <= 0.35, used
+    finally:
+        pool.cancel(small.id)
+        pool.cancel(large.id)
+    # Alone on the device with lending on, a 30 % job is never paused.
+    lone = pool.submit(JobSubmission(busy_command(30), share_milli=300))
+    pool.tick()
+    pid = pool.store.job(lone.id).pid
+    before = group_cpu_seconds(pid)
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        pool.timeslice()
+        time.sleep(0.005)
+    assert group_cpu_seconds(pid) - before >= 1.0
+    pool.cancel(lone.id)
+
+
+def test_restart_re_adopts_running_jobs_and_keeps_the_queue(tmp_path: Path) -> None:
+    first = make_pool(tmp_path)
+    jobs = [first.submit(JobSubmission(gated_command(tmp_path / f"release-{n}"), share_milli=500)) for n in range(10)]
+    first.tick()
+    assert states(first) == {"running": 4, "queued": 6}
+    running = {j.id: j.slices for j in first.store.jobs(("running",))}
+    # The daemon dies without a word (as with kill -9): a new one starts on the same state.
+    second = make_pool(tmp_path)
+    try:
+        assert states(second) == {"running": 4, "queued": 6}
+        assert {j.id: j.slices for j in second.store.jobs(("running",))} == running
+        assert (second.state.free_share_milli >= 0).all()
+        assert set(second.state.grants) == set(running)
+        second.tick()
+        assert states(second) == {"running": 4, "queued": 6}  # nothing granted twice
+    finally:
+        release_all(tmp_path)
+        wait_for(lambda: not second.store.jobs(("running", "queued")), second.tick, 60)
+    assert {second.store.job(j.id).state for j in jobs} == {"succeeded"}
