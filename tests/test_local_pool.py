@@ -177,3 +177,73 @@ def test_restart_re_adopts_running_jobs_and_keeps_the_queue(tmp_path: Path) -> N
         release_all(tmp_path)
         wait_for(lambda: not second.store.jobs(("running", "queued")), second.tick, 60)
     assert {second.store.job(j.id).state for j in jobs} == {"succeeded"}
+
+
+def test_backfill_never_starves_a_large_job(tmp_path: Path) -> None:
+    clock = FakeClock()
+    backend, devices = discover("sim:1xA100-80GB")
+    pool = Pool(tmp_path / "state", backend, devices, PoolConfig(starvation_limit_s=10), clock=clock)
+    running = pool.submit(JobSubmission(gated_command(tmp_path / "release-0"), share_milli=500))
+    large = pool.submit(JobSubmission(gated_command(tmp_path / "release-1"), share_milli=1000, name="large"))
+    small = pool.submit(JobSubmission(gated_command(tmp_path / "release-2"), share_milli=300, name="small"))
+    try:
+        pool.tick()
+        # The large job cannot fit yet; the small one may fill the gap meanwhile (backfill).
+        assert [pool.store.job(j.id).state for j in (running, large, small)] == ["running", "queued", "running"]
+        clock.now += 11
+        late = pool.submit(JobSubmission(gated_command(tmp_path / "release-3"), share_milli=100, name="late"))
+        pool.tick()
+        # The large job has waited past the limit: nothing more starts ahead of it, though "late" would fit.
+        assert pool.store.job(late.id).state == "queued"
+        (tmp_path / "release-0").touch()
+        (tmp_path / "release-2").touch()
+        wait_for(lambda: pool.store.job(large.id).state == "running", pool.tick)
+        assert pool.store.job(late.id).state == "queued"
+    finally:
+        release_all(tmp_path)
+        wait_for(lambda: not pool.store.jobs(("running", "queued")), pool.tick, 30)
+
+
+def test_higher_priority_starts_first(tmp_path: Path) -> None:
+    pool = make_pool(tmp_path, "1xA100-80GB")
+    blocker = pool.submit(JobSubmission(gated_command(tmp_path / "release-0"), share_milli=1000))
+    pool.tick()
+    low = pool.submit(JobSubmission(gated_command(tmp_path / "release-1"), share_milli=1000, priority=0))
+    high = pool.submit(JobSubmission(gated_command(tmp_path / "release-2"), share_milli=1000, priority=5))
+    try:
+        pool.tick()
+        (tmp_path / "release-0").touch()
+        wait_for(lambda: pool.store.job(blocker.id).state == "succeeded", pool.tick)
+        assert pool.store.job(high.id).state == "running" and pool.store.job(low.id).state == "queued"
+    finally:
+        release_all(tmp_path)
+        wait_for(lambda: not pool.store.jobs(("running", "queued")), pool.tick, 30)
+
+
+@pytest.mark.parametrize(("utilisation_pct", "gated"), [(20.0, False), (95.0, True), (None, True)])
+def test_jobs_are_time_sliced_only_while_the_device_is_contended(
+    tmp_path: Path, utilisation_pct: float | None, gated: bool
+) -> None:
+    from dataclasses import replace
+
+    from flexai.node.sim import SimBackend
+
+    class Reporting(SimBackend):
+        def devices(self):  # noqa: ANN202
+            return [replace(d, utilisation_pct=utilisation_pct) for d in super().devices()]
+
+    backend = Reporting("1xA100-80GB")
+    pool = Pool(tmp_path / "state", backend, backend.devices(), PoolConfig(timeslice_period_s=0.2))
+    jobs = [pool.submit(JobSubmission(busy_command(30), share_milli=s)) for s in (300, 700)]
+    try:
+        pool.tick()
+        paused = set()
+        deadline = time.monotonic() + 0.6
+        while time.monotonic() < deadline:
+            pool.timeslice()
+            paused |= {job_id for job_id, r in pool._running.items() if r.stopped_by_slicer}
+            time.sleep(0.005)
+        assert bool(paused) is gated
+    finally:
+        for job in jobs:
+            pool.cancel(job.id)

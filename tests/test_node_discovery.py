@@ -553,13 +553,13 @@ def test_sim_bad_spec_is_one_clear_line(spec: str, message: str) -> None:
     assert str(caught.value) == message
 
 
-def test_sim_devices_are_deterministic_healthy_and_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sim_devices_are_deterministic_healthy_and_cannot_tell_utilisation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLEXAI_SIM_MEMORY_FILE", raising=False)
     found = SimBackend("2xA100-80GB,1xAscend910B-64GB").devices()
     assert found == [
-        DeviceInfo("sim", 0, "SIM-A100-0", "A100", 81920, True, 0.0, 0),
-        DeviceInfo("sim", 1, "SIM-A100-1", "A100", 81920, True, 0.0, 0),
-        DeviceInfo("sim", 2, "SIM-Ascend910B-2", "Ascend910B", 65536, True, 0.0, 0),
+        DeviceInfo("sim", 0, "SIM-A100-0", "A100", 81920, True, None, 0),
+        DeviceInfo("sim", 1, "SIM-A100-1", "A100", 81920, True, None, 0),
+        DeviceInfo("sim", 2, "SIM-Ascend910B-2", "Ascend910B", 65536, True, None, 0),
     ]
     assert SimBackend("2xA100-80GB,1xAscend910B-64GB").devices() == found
 

@@ -45,6 +45,8 @@ class PoolConfig:
     """One time-slicing cycle; each contending job runs for its share of it."""
     starvation_limit_s: float = 30.0
     """After the first job in queue order has waited this long, nothing starts ahead of it."""
+    contention_utilisation_pct: float = 90.0
+    """Jobs sharing a device are time-sliced only while the device is this busy (or cannot tell)."""
     policy: str = "flex"
 
 
@@ -107,6 +109,8 @@ class Pool:
         ]
         self.state = ClusterState(nodes)
         self._running: dict[str, _Running] = {}
+        self._utilisation_pct: dict[int, float | None] = {}
+        self._utilisation_read_at = float("-inf")
         self._head_waiting_since: dict[str, float] = {}
         self._profile_jobs = -1
         self._scheduler = self._new_scheduler()
@@ -200,6 +204,7 @@ class Pool:
     # ------------------------------------------------------------------ loop
     def tick(self) -> None:
         """Reap finished jobs, enforce memory quotas, start what fits. Called often by the daemon."""
+        self._read_utilisation()
         self._reap()
         self._watch_memory()
         self._schedule()
@@ -365,6 +370,24 @@ class Pool:
                 )
 
     # ------------------------------------------------------------------ compute
+    def _read_utilisation(self) -> None:
+        now = self.clock()
+        if now - self._utilisation_read_at < 1.0:
+            return
+        self._utilisation_read_at = now
+        try:
+            self._utilisation_pct = {d.index: d.utilisation_pct for d in self.backend.devices()}
+        except Exception:  # noqa: BLE001  (a failed reading means "cannot tell", which gates conservatively)
+            self._utilisation_pct = {}
+
+    def contended(self, device_index: int) -> bool:
+        """Busy enough that co-located jobs compete for it; a device that cannot tell counts as contended.
+
+        While jobs are gated the device shows one job's load: heavy jobs keep it busy (gating stays on),
+        light ones leave it idle (gating goes off and they overlap, which is the utilisation gain)."""
+        utilisation = self._utilisation_pct.get(device_index)
+        return utilisation is None or utilisation >= self.config.contention_utilisation_pct
+
     def timeslice(self) -> None:
         """Gate jobs that share a device so that each gets its share of device time.
 
@@ -380,7 +403,9 @@ class Pool:
             if running.record.share_milli < 1000:
                 for s in running.record.slices or []:
                     by_device.setdefault(int(s["device"]), []).append(running)  # type: ignore[call-overload]
-        for members in by_device.values():
+        for device_index, members in by_device.items():
+            if not self.contended(device_index):
+                continue
             members.sort(key=lambda r: r.record.seq)
             shares = [r.record.share_milli for r in members]
             if self.config.lending and len(members) == 1:

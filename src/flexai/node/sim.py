@@ -78,7 +78,7 @@ class SimBackend(DeviceBackend):
                 model=model,
                 memory_mib=memory_mib,
                 healthy=True,
-                utilisation_pct=0.0,
+                utilisation_pct=None,  # a sim device cannot tell how busy it is: the pool assumes contention
                 memory_used_mib=sum(usage.get(i, {}).values()),
             )
             for i, (model, memory_mib) in enumerate(self._devices)
