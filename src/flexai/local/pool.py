@@ -8,7 +8,6 @@ the engine's ClusterState, so a job's devices are always of one model, and the `
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from flexai.local.store import ACTIVE_STATES, JobRecord, Store
 from flexai.model import ClusterState, Node, Placement, Request, RequestError
 from flexai.model.workload import WorkloadProfile
 from flexai.node.devices import DeviceBackend, DeviceInfo
+from flexai.node.environment import slice_environment
 from flexai.scheduler import PolicyContext, Scheduler, Status, create_policy
 
 MIB_PER_GIB = 1024
@@ -241,23 +241,8 @@ class Pool:
         ]
 
     def job_environment(self, job: JobRecord, slices: list[dict[str, object]]) -> dict[str, str]:
-        """What a job process gets: identity, its slices, the vendor's visibility variable, and the variables
-        that HAMi-core and NVIDIA MPS read, so machines with those layers hold the job to hard limits."""
-        env = dict(job.env)
-        indices = [int(s["device"]) for s in slices]  # type: ignore[call-overload]
-        uuids = [str(s["uuid"]) for s in slices]
-        env.update(self.backend.visibility_env(indices, uuids))
-        share_pct = job.share_milli // 10
-        env["FLEXAI_JOB_ID"] = job.id
-        env["FLEXAI_SLICES"] = json.dumps(slices)
-        env["CUDA_DEVICE_SM_LIMIT"] = str(share_pct)
-        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(share_pct)
-        if job.memory_mib:
-            for visible_index in range(len(slices)):
-                env[f"CUDA_DEVICE_MEMORY_LIMIT_{visible_index}"] = f"{job.memory_mib}m"
-            env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = ",".join(f"{i}={job.memory_mib}M" for i in range(len(slices)))
-            env["FLEXAI_MEMORY_LIMIT_MIB"] = str(job.memory_mib)
-        return env
+        """The job's own environment plus what every slice holder gets (``flexai.node.environment``)."""
+        return {**job.env, **slice_environment(self.backend, job.id, slices)}
 
     def _paths(self, job_id: str) -> tuple[Path, Path]:
         return self.logs_dir / f"{job_id}.log", self.logs_dir / f"{job_id}.exit"

@@ -1,0 +1,1 @@
+"""Kubernetes adapters: device plugin (agent), scheduler extender, admission webhook, inventory sync."""
