@@ -1,0 +1,274 @@
+"""A small Kubernetes API client (httpx): list, watch with resume, pod annotate and bind, events, leases.
+
+Only what flexai's scheduler and agent need. ``Informer`` keeps a cache from list+watch: it resumes a
+broken watch from the last resourceVersion and lists again when the server answers 410 Gone.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from flexai.k8s.extender import ApiError
+
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+class KubeClient:
+    def __init__(
+        self, base_url: str, token: str | None = None, verify: str | bool = True, timeout_s: float = 30
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=base_url, headers=headers, verify=verify, timeout=timeout_s)
+
+    @classmethod
+    def in_cluster(cls) -> KubeClient:
+        import os
+
+        host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"]
+        token = (SERVICE_ACCOUNT / "token").read_text().strip()
+        return cls(f"https://{host}:{port}", token, verify=str(SERVICE_ACCOUNT / "ca.crt"))
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> dict:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ApiError(503, f"{method} {path}: {exc}") from None
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("message", response.text)
+            except ValueError:
+                message = response.text
+            raise ApiError(response.status_code, message)
+        return response.json() if response.content else {}
+
+    # ----------------------------------------------------------------- reads
+    def list(self, path: str) -> tuple[list[dict], str]:
+        body = self._call("GET", path)
+        return body.get("items", []), body.get("metadata", {}).get("resourceVersion", "")
+
+    def watch(self, path: str, resource_version: str, timeout_s: int = 300) -> Iterator[dict]:
+        """Watch events (type, object) from resource_version; raises ApiError(410) when it is too old."""
+        params = {
+            "watch": "1",
+            "resourceVersion": resource_version,
+            "timeoutSeconds": str(timeout_s),
+            "allowWatchBookmarks": "true",
+        }
+        try:
+            with self.http.stream("GET", path, params=params, timeout=None) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ApiError(response.status_code, response.text)
+                for line in response.iter_lines():
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if event.get("type") == "ERROR":
+                        status = event.get("object", {})
+                        raise ApiError(int(status.get("code", 500)), status.get("message", "watch error"))
+                    yield event
+        except httpx.HTTPError as exc:
+            raise ApiError(503, f"watch {path}: {exc}") from None
+
+    def get_pod(self, namespace: str, name: str) -> dict:
+        return self._call("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
+
+    # ----------------------------------------------------------------- writes
+    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> dict:
+        return self._call(
+            "PATCH",
+            f"/api/v1/namespaces/{namespace}/pods/{name}",
+            content=json.dumps({"metadata": {"annotations": annotations}}),
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+
+    def annotate_node(self, name: str, annotations: dict[str, str]) -> dict:
+        return self._call(
+            "PATCH",
+            f"/api/v1/nodes/{name}",
+            content=json.dumps({"metadata": {"annotations": annotations}}),
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+
+    def bind_pod(self, namespace: str, name: str, uid: str, node: str) -> None:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": name, "namespace": namespace, **({"uid": uid} if uid else {})},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+        }
+        self._call("POST", f"/api/v1/namespaces/{namespace}/pods/{name}/binding", json=body)
+
+    def create_event(self, pod: dict, reason: str, message: str, kind: str = "Warning") -> None:
+        meta = pod.get("metadata", {})
+        namespace = meta.get("namespace", "default")
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name', 'pod')}.", "namespace": namespace},
+            "involvedObject": {"kind": "Pod", "name": meta.get("name"), "namespace": namespace, "uid": meta.get("uid")},
+            "reason": reason,
+            "message": message,
+            "type": kind,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "source": {"component": "flexai-scheduler"},
+        }
+        self._call("POST", f"/api/v1/namespaces/{namespace}/events", json=body)
+
+    # ----------------------------------------------------------------- leases
+    def get_lease(self, namespace: str, name: str) -> dict | None:
+        try:
+            return self._call("GET", f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}")
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create_lease(self, namespace: str, body: dict) -> dict:
+        return self._call("POST", f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases", json=body)
+
+    def replace_lease(self, namespace: str, name: str, body: dict) -> dict:
+        return self._call("PUT", f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}", json=body)
+
+
+class Informer:
+    """list+watch one collection into callbacks, forever (until stopped)."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        path: str,
+        on_replace: Callable[[list[dict]], None],
+        on_event: Callable[[str, dict], None],
+        retry_s: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.path = path
+        self.on_replace = on_replace
+        self.on_event = on_event
+        self.retry_s = retry_s
+        self.resource_version = ""
+        self.relists = 0
+        self.synced = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"informer {path}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _relist(self) -> None:
+        items, self.resource_version = self.client.list(self.path)
+        self.relists += 1
+        self.on_replace(items)
+        self.synced.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self.resource_version:
+                    self._relist()
+                for event in self.client.watch(self.path, self.resource_version, timeout_s=60):
+                    if self._stop.is_set():
+                        return
+                    obj = event.get("object", {})
+                    rv = obj.get("metadata", {}).get("resourceVersion")
+                    if rv:
+                        self.resource_version = rv
+                    if event["type"] != "BOOKMARK":
+                        self.on_event(event["type"], obj)
+            except ApiError as exc:
+                if exc.status == 410:
+                    self.resource_version = ""  # too old: list again
+                    continue
+                self._stop.wait(self.retry_s)
+            except Exception:  # noqa: BLE001  (keep the informer alive; the next loop resumes)
+                self._stop.wait(self.retry_s)
+
+
+class LeaderElector:
+    """coordination.k8s.io Lease: one replica holds it and binds; the others wait and take over on expiry."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        namespace: str,
+        name: str,
+        identity: str,
+        lease_s: int = 15,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.name = name
+        self.identity = identity
+        self.lease_s = lease_s
+        self.clock = clock
+        self._leader_until = 0.0
+
+    def is_leader(self) -> bool:
+        return self.clock() < self._leader_until
+
+    @staticmethod
+    def _stamp(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    @staticmethod
+    def _parse(stamp: str | None) -> float:
+        if not stamp:
+            return 0.0
+        return (
+            datetime.strptime(stamp.replace("Z", ""), "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=UTC).timestamp()
+        )
+
+    def try_acquire_or_renew(self) -> bool:
+        now = self.clock()
+        spec = {"holderIdentity": self.identity, "leaseDurationSeconds": self.lease_s, "renewTime": self._stamp(now)}
+        try:
+            lease = self.client.get_lease(self.namespace, self.name)
+            if lease is None:
+                spec["acquireTime"] = self._stamp(now)
+                self.client.create_lease(
+                    self.namespace,
+                    {
+                        "apiVersion": "coordination.k8s.io/v1",
+                        "kind": "Lease",
+                        "metadata": {"name": self.name, "namespace": self.namespace},
+                        "spec": spec,
+                    },
+                )
+            else:
+                current = lease.get("spec", {})
+                holder = current.get("holderIdentity")
+                expires = self._parse(current.get("renewTime")) + float(
+                    current.get("leaseDurationSeconds", self.lease_s)
+                )
+                if holder not in (None, "", self.identity) and now < expires:
+                    self._leader_until = 0.0
+                    return False
+                if holder != self.identity:
+                    spec["acquireTime"] = self._stamp(now)
+                    spec["leaseTransitions"] = int(current.get("leaseTransitions", 0)) + 1
+                else:
+                    spec["acquireTime"] = current.get("acquireTime", self._stamp(now))
+                lease["spec"] = {**current, **spec}
+                # The resourceVersion in metadata makes the update conditional: two replicas never both win.
+                self.client.replace_lease(self.namespace, self.name, lease)
+        except ApiError:
+            self._leader_until = 0.0
+            return False
+        self._leader_until = now + self.lease_s * 2 / 3  # stop acting before the lease can expire
+        return True
