@@ -182,3 +182,19 @@ def test_extender_http_endpoints() -> None:
     assert client.post("/filter", json=body).json()["NodeNames"] == ["n1"]
     assert client.post("/prioritize", json=body).json() == [{"Host": "n1", "Score": 10}]
     assert json.loads(client.get("/healthz").text) == {"status": "ok"}
+
+
+def test_metrics_endpoint_reports_attempts_latency_and_allocation() -> None:
+    from fastapi.testclient import TestClient
+
+    cluster = cluster_of(node("n1", 2), pods=(placed(pod("old", 1, 300), "n1", (0, 300)), pod("waiting", 1, 300)))
+    client = TestClient(create_extender_app(Extender(cluster)))
+    client.post("/filter", json={"Pod": pod("p", 1, 300), "NodeNames": ["n1"]})
+    client.post("/filter", json={"Pod": pod("big", 3), "NodeNames": ["n1"]})
+    text = client.get("/metrics").text
+    assert 'flexai_scheduling_attempts_total{result="scheduled",verb="filter"} 1.0' in text
+    assert 'flexai_scheduling_attempts_total{result="unschedulable",verb="filter"} 1.0' in text
+    assert "flexai_decision_latency_seconds_bucket" in text
+    assert 'flexai_share_allocated_ratio{device="0",node="n1"} 0.3' in text
+    assert 'flexai_slices_allocated{device="0",node="n1"} 1.0' in text
+    assert "flexai_pending_pods 1.0" in text

@@ -57,6 +57,9 @@ class Extender:
         self._scheduler_version = -1
         self.metrics: dict[str, int] = {}
         self.warned: set[str] = set()
+        from flexai.k8s.metrics import SchedulerMetrics
+
+        self.prometheus = SchedulerMetrics()
 
     # ----------------------------------------------------------------- engine
     def _profile(self) -> WorkloadProfile:
@@ -82,8 +85,32 @@ class Extender:
             self._scheduler_version = self.cluster.version
         return self._scheduler
 
-    def _count(self, result: str) -> None:
+    def _count(self, result: str, verb: str = "filter") -> None:
         self.metrics[result] = self.metrics.get(result, 0) + 1
+        self.prometheus.attempts.labels(verb, result).inc()
+
+    def refresh_gauges(self) -> None:
+        """Per-device slices and share, and pending pods, for /metrics."""
+        with self.lock:
+            state = self.cluster.state
+            pending = sum(
+                1
+                for p in self.cluster.pods.values()
+                if not (p.get("spec") or {}).get("nodeName")
+                and (p.get("spec") or {}).get("schedulerName") == names.SCHEDULER_NAME
+            )
+            self.prometheus.pending_pods.set(pending)
+            if state is None:
+                return
+            slices = np.zeros_like(state.free_share_milli)
+            for placement in state.grants.values():
+                for d in placement.device_indices:
+                    slices[placement.node_index, d] += 1
+            for i, flex_node in enumerate(self.cluster.flex_nodes):
+                for j, device in enumerate(flex_node.devices):
+                    used = 1000 - int(state.free_share_milli[i, j])
+                    self.prometheus.slices.labels(flex_node.name, str(device.index)).set(int(slices[i, j]))
+                    self.prometheus.share.labels(flex_node.name, str(device.index)).set(used / 1000)
 
     # ----------------------------------------------------------------- filter
     def filter(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -242,7 +269,7 @@ class Extender:
             if error:
                 if self.cluster.state is not None:
                     self.cluster.state.unreserve(key)
-                self._count("error")
+                self._count("error", "bind")
                 return {"Error": error}
             bound = dict(pod)
             bound.setdefault("metadata", {}).setdefault("annotations", {})
@@ -252,7 +279,7 @@ class Extender:
             }
             bound["spec"] = {**(bound.get("spec") or {}), "nodeName": node}
             self.cluster.pods[key] = bound
-        self._count("scheduled")
+        self._count("scheduled", "bind")
         return {"Error": ""}
 
     def _annotate_and_bind(self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str]) -> str:
@@ -295,19 +322,33 @@ def create_extender_app(extender: Extender):  # noqa: ANN201
 
     app = FastAPI(title="flexai scheduler extender")
 
+    from fastapi.responses import Response
+
+    from flexai.k8s.metrics import CONTENT_TYPE_LATEST, generate_latest
+
+    latency = extender.prometheus.latency
+
     # Plain (not async) handlers: FastAPI runs them in its thread pool, so a slow API server during bind
     # does not stall the other verbs.
     @app.post("/filter")
     def filter_(body: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
-        return extender.filter(body)
+        with latency.labels("filter").time():
+            return extender.filter(body)
 
     @app.post("/prioritize")
     def prioritize(body: dict[str, Any] = Body(...)) -> list[dict[str, Any]]:  # noqa: B008
-        return extender.prioritize(body)
+        with latency.labels("prioritize").time():
+            return extender.prioritize(body)
 
     @app.post("/bind")
     def bind(body: dict[str, Any] = Body(...)) -> dict[str, str]:  # noqa: B008
-        return extender.bind(body)
+        with latency.labels("bind").time():
+            return extender.bind(body)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        extender.refresh_gauges()
+        return Response(generate_latest(extender.prometheus.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
