@@ -105,6 +105,10 @@ class FakeApiServer:
                 )
             with server.lock:
                 items = list((server.nodes if name == "nodes" else server.pods).values())
+                selector = params.get("fieldSelector", "")
+                if selector.startswith("spec.nodeName="):
+                    wanted = selector.split("=", 1)[1]
+                    items = [i for i in items if (i.get("spec") or {}).get("nodeName") == wanted]
                 return {"kind": "List", "items": copy.deepcopy(items), "metadata": {"resourceVersion": str(server.rv)}}
 
         @app.get("/api/v1/nodes")

@@ -67,3 +67,55 @@ def pod(
         "spec": spec,
         "status": {"phase": "Pending"},
     }
+
+
+def apply_json_patch(document: dict, patch: list[dict]) -> dict:
+    """RFC 6902 add / replace / remove (all a pod mutation needs), on a copy."""
+    import copy
+
+    doc = copy.deepcopy(document)
+    for op in patch:
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        parent = doc
+        for part in parts[:-1]:
+            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+        last = parts[-1]
+        if isinstance(parent, list):
+            index = len(parent) if last == "-" else int(last)
+            if op["op"] == "add":
+                parent.insert(index, op["value"])
+            elif op["op"] == "replace":
+                parent[index] = op["value"]
+            else:
+                parent.pop(index)
+        elif op["op"] in ("add", "replace"):
+            parent[last] = op["value"]
+        else:
+            parent.pop(last)
+    return doc
+
+
+def hami_pod(name: str, share_pct: int, memory_mib: int) -> dict:
+    """A pod written in HAMi's resource names."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "uid": f"uid-{name}", "annotations": {}},
+        "spec": {
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "resources": {
+                        "requests": {"cpu": "2", "memory": "4Gi"},
+                        "limits": {
+                            "nvidia.com/gpu": "1",
+                            "nvidia.com/gpucores": str(share_pct),
+                            "nvidia.com/gpumem": str(memory_mib),
+                        },
+                    },
+                }
+            ]
+        },
+        "status": {"phase": "Pending"},
+    }

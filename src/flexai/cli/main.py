@@ -194,6 +194,7 @@ def _print_table(summaries: list, doc: dict) -> None:
 
 
 def _register_subcommands() -> None:
+    import flexai.cli.k8s_cmds  # noqa: F401  (registers the k8s group)
     import flexai.cli.pool_cmds  # noqa: F401  (registers serve, run, ps, pool, events, logs, cancel)
 
 

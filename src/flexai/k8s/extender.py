@@ -11,6 +11,7 @@ the pods/binding subresource, answering ExtenderBindingResult (``Error``).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -264,6 +265,7 @@ class Extender:
                     ),
                 )
                 annotations[names.ANNOTATION_PLACEMENT] = grant.to_json()
+                annotations[names.ANNOTATION_BOUND_AT] = f"{time.time():.6f}"
         error = self._annotate_and_bind(namespace, name, uid, node, annotations)
         with self.lock:
             if error:

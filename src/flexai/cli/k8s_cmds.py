@@ -1,0 +1,154 @@
+"""`flexai k8s agent|scheduler|webhook`: the Kubernetes components (run in the cluster by the Helm chart)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flexai.cli.main import app, console, fail
+
+k8s_app = typer.Typer(
+    help="Kubernetes components: node agent, scheduler extender, admission webhook.", no_args_is_help=True
+)
+app.add_typer(k8s_app, name="k8s")
+
+
+def _client(api_server: str | None, token_file: Path | None, insecure: bool):  # noqa: ANN202
+    from flexai.k8s.apiclient import KubeClient
+
+    if api_server:
+        token = token_file.read_text().strip() if token_file else None
+        return KubeClient(api_server, token, verify=not insecure)
+    if "KUBERNETES_SERVICE_HOST" not in os.environ:
+        fail("--api-server is needed outside a cluster (in a pod the service account is used)")
+    return KubeClient.in_cluster()
+
+
+ApiServerOption = Annotated[str | None, typer.Option(help="API server URL (default: in-cluster service account).")]
+TokenOption = Annotated[Path | None, typer.Option(help="Bearer token file for --api-server.")]
+InsecureOption = Annotated[bool, typer.Option(help="Skip TLS verification of --api-server (tests only).")]
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+@k8s_app.command()
+def agent(
+    node_name: Annotated[str, typer.Option(envvar="NODE_NAME", help="This node's name (from the downward API).")],
+    devices: Annotated[str, typer.Option(help="auto, a vendor name, or sim:SPEC.")] = "auto",
+    share_step: Annotated[int, typer.Option(help="Slice step in milli (100 = 10 %).")] = 100,
+    heartbeat: Annotated[float, typer.Option(help="Seconds between inventory heartbeats.")] = 30.0,
+    socket_dir: Annotated[str, typer.Option(help="kubelet device-plugin folder.")] = "/var/lib/kubelet/device-plugins/",
+    metrics_port: Annotated[int, typer.Option(help="Port of /metrics (0 = off).")] = 9400,
+    api_server: ApiServerOption = None,
+    token_file: TokenOption = None,
+    insecure: InsecureOption = False,
+) -> None:
+    """Node agent: inventory with heartbeat on the Node, kubelet device plugin for flexai.io/vxpu."""
+    from flexai.k8s.agent import NodeAgent
+    from flexai.node.devices import DiscoveryError, discover
+
+    try:
+        backend, found = discover(devices)
+    except (DiscoveryError, ValueError) as exc:
+        fail(str(exc))
+    node_agent = NodeAgent(
+        _client(api_server, token_file, insecure), node_name, backend, found, share_step, heartbeat, socket_dir
+    )
+    node_agent.start()
+    if metrics_port:
+        _serve_agent_metrics(node_agent, metrics_port)
+    console.print(
+        f"flexai agent on {node_name}: {len(found)} {backend.name} device(s), {1000 // share_step} slots each"
+    )
+    _wait_for_signal()
+    node_agent.stop()
+
+
+def _serve_agent_metrics(node_agent, port: int) -> None:  # noqa: ANN001
+    from prometheus_client import start_http_server
+
+    from flexai.k8s.metrics import AgentMetrics
+
+    metrics = AgentMetrics()
+
+    def refresh() -> None:
+        while True:
+            try:
+                for d in node_agent.backend.devices():
+                    label = str(d.index)
+                    metrics.memory_total.labels(label).set(d.memory_mib * 2**20)
+                    metrics.healthy.labels(label).set(1 if d.healthy else 0)
+                    if d.memory_used_mib is not None:
+                        metrics.memory_used.labels(label).set(d.memory_used_mib * 2**20)
+                    if d.utilisation_pct is not None:
+                        metrics.utilisation.labels(label).set(d.utilisation_pct / 100)
+            except Exception:  # noqa: BLE001, S110  (metrics are best effort)
+                pass
+            threading.Event().wait(10)
+
+    start_http_server(port, registry=metrics.registry)
+    threading.Thread(target=refresh, daemon=True).start()
+
+
+@k8s_app.command()
+def scheduler(
+    port: Annotated[int, typer.Option(help="Port of the extender (filter, prioritize, bind, /metrics).")] = 8888,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (kube-scheduler runs in the same pod).")
+    ] = "127.0.0.1",
+    namespace: Annotated[
+        str, typer.Option(envvar="POD_NAMESPACE", help="Namespace of the leader Lease.")
+    ] = "flexai-system",
+    policy: Annotated[str, typer.Option(help="Scoring policy.")] = "flex",
+    leader_election: Annotated[bool, typer.Option(help="Bind only while holding the Lease.")] = True,
+    api_server: ApiServerOption = None,
+    token_file: TokenOption = None,
+    insecure: InsecureOption = False,
+) -> None:
+    """Scheduler extender: keeps the cluster from list+watch and places pods with the engine."""
+    import uvicorn
+
+    from flexai.k8s.extender import create_extender_app
+    from flexai.k8s.service import SchedulerService
+
+    service = SchedulerService(
+        _client(api_server, token_file, insecure), namespace, policy=policy, leader_election=leader_election
+    )
+    service.start()
+    console.print(f"flexai scheduler extender on {host}:{port} (policy {policy})")
+    uvicorn.run(create_extender_app(service.extender), host=host, port=port, log_level="warning")
+    service.stop()
+
+
+@k8s_app.command()
+def webhook(
+    port: Annotated[int, typer.Option(help="HTTPS port.")] = 8443,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS key (PEM).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",  # noqa: S104
+) -> None:
+    """Admission webhook: translates HAMi/Volcano/Huawei requests, routes pods to flexai, refuses the impossible."""
+    import uvicorn
+
+    from flexai.k8s.webhook import create_webhook_app
+
+    if (tls_cert is None) != (tls_key is None):
+        fail("--tls-cert and --tls-key go together (the API server only calls webhooks over HTTPS)")
+    uvicorn.run(
+        create_webhook_app(),
+        host=host,
+        port=port,
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
+        log_level="warning",
+    )
