@@ -136,16 +136,30 @@ def webhook(
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="TLS key (PEM).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",  # noqa: S104
+    share_step: Annotated[int, typer.Option(help="Slice step in milli (100 = 10 %).")] = 100,
+    max_devices: Annotated[int, typer.Option(help="Most devices one pod may ask for.")] = 16,
+    max_memory_mib: Annotated[int, typer.Option(help="Largest device memory in MiB (0 = no check).")] = 0,
+    device_memory_mib: Annotated[
+        int, typer.Option(help="Device memory for HAMi's gpumem-percentage (0 = unknown).")
+    ] = 0,
+    default_share: Annotated[int, typer.Option(help="Share in milli when a pod names none (0 = whole device).")] = 0,
+    translate_bare_gpu: Annotated[bool, typer.Option(help="Also translate a bare nvidia.com/gpu request.")] = False,
 ) -> None:
     """Admission webhook: translates HAMi/Volcano/Huawei requests, routes pods to flexai, refuses the impossible."""
     import uvicorn
 
-    from flexai.k8s.webhook import create_webhook_app
+    from flexai.k8s.webhook import WebhookOptions, create_webhook_app
 
     if (tls_cert is None) != (tls_key is None):
         fail("--tls-cert and --tls-key go together (the API server only calls webhooks over HTTPS)")
+    try:
+        options = WebhookOptions.from_flags(
+            share_step, max_devices, max_memory_mib, device_memory_mib, default_share, translate_bare_gpu
+        )
+    except ValueError as exc:
+        fail(str(exc))
     uvicorn.run(
-        create_webhook_app(),
+        create_webhook_app(options),
         host=host,
         port=port,
         ssl_certfile=str(tls_cert) if tls_cert else None,

@@ -230,9 +230,7 @@ class LeaderElector:
     def _parse(stamp: str | None) -> float:
         if not stamp:
             return 0.0
-        return (
-            datetime.strptime(stamp.replace("Z", ""), "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=UTC).timestamp()
-        )
+        return datetime.strptime(stamp.replace("Z", ""), "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=UTC).timestamp()
 
     def try_acquire_or_renew(self) -> bool:
         now = self.clock()
