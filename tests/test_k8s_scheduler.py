@@ -165,8 +165,11 @@ def test_leader_election_lets_one_replica_bind(apiserver: FakeApiServer) -> None
     assert not b.try_acquire_or_renew() and not b.is_leader()
     clock[0] += 5
     assert a.try_acquire_or_renew()
-    clock[0] += 30  # a stopped renewing: the lease expired
+    clock[0] += 30  # a stopped renewing
     assert not a.is_leader()
+    # b times the lease on its own clock from the moment it sees the record (skew-proof, as client-go):
+    assert not b.try_acquire_or_renew()
+    clock[0] += 16
     assert b.try_acquire_or_renew() and b.is_leader()
     lease = apiserver.leases["flexai-system/flexai-scheduler"]
     assert lease["spec"]["holderIdentity"] == "b" and lease["spec"]["leaseTransitions"] == 1
@@ -198,3 +201,72 @@ def test_metrics_endpoint_reports_attempts_latency_and_allocation() -> None:
     assert 'flexai_share_allocated_ratio{device="0",node="n1"} 0.3' in text
     assert 'flexai_slices_allocated{device="0",node="n1"} 1.0' in text
     assert "flexai_pending_pods 1.0" in text
+
+
+def test_kube_schedulers_json_tags_are_read() -> None:
+    """kube-scheduler sends its JSON tags (pod, nodes, nodenames, podName...), not Go field names."""
+    extender = Extender(cluster_of(node("n1", 2), node("n2", 2, model="T4")))
+    the_pod = pod("p", 1, 300, model="A100")
+    items = [node("n1", 2), node("n2", 2, model="T4")]
+    result = extender.filter({"pod": the_pod, "nodes": {"items": items}})
+    assert [n["metadata"]["name"] for n in result["Nodes"]["items"]] == ["n1"]
+    assert extender.filter({"pod": the_pod, "nodenames": ["n1", "n2"]})["NodeNames"] == ["n1"]
+    assert extender.prioritize({"pod": the_pod, "nodenames": ["n1"]}) == [{"Host": "n1", "Score": 10}]
+
+
+def test_a_pending_pod_cannot_reserve_by_annotation_and_bad_annotations_are_ignored() -> None:
+    squatter = pod("squatter", 2)
+    squatter["metadata"]["annotations"][names.ANNOTATION_PLACEMENT] = names.Placement(
+        "n1", (names.SliceGrant(0, "GPU-n1-0", 1000, 0), names.SliceGrant(1, "GPU-n1-1", 1000, 0))
+    ).to_json()  # written by a user, never bound
+    broken = pod("broken", 1, node_name="n1")
+    broken["metadata"]["annotations"][names.ANNOTATION_PLACEMENT] = '{"node": "n1", "slices": [{"share_milli": "x"}]}'
+    odd_node = node("n-odd", 2)
+    odd_node["metadata"]["annotations"][names.ANNOTATION_INVENTORY] = "[]"
+    cluster = cluster_of(node("n1", 2), odd_node, pods=(squatter, broken))
+    result = Extender(cluster).filter({"Pod": pod("p", 2), "NodeNames": ["n1", "n-odd"]})
+    assert result["NodeNames"] == ["n1"]
+    assert "unreadable" in result["FailedAndUnresolvableNodes"]["n-odd"]
+
+
+def test_a_bind_in_flight_keeps_its_slices_through_a_rebuild() -> None:
+    """A node event while a bind waits on the API server must not free the slices being bound."""
+    cluster = cluster_of(node("n1", 1))
+    first, second = pod("first", 1, 600), pod("second", 1, 600)
+    cluster.upsert_pod(first)
+    cluster.upsert_pod(second)
+
+    class SlowApi:
+        def get_pod(self, namespace: str, name: str) -> dict:
+            return cluster.pods[f"uid-{name}"]
+
+        def annotate_pod(self, namespace: str, name: str, annotations: dict) -> dict:
+            # Meanwhile the agent's inventory changes (a rebuild) and the other pod asks to be placed.
+            changed = node("n1", 1, memory_mib=40960)
+            cluster.upsert_node(changed)
+            verdict["second"] = extender.filter({"Pod": second, "NodeNames": ["n1"]})["NodeNames"]
+            return {}
+
+        def bind_pod(self, namespace: str, name: str, uid: str, node_name: str) -> None:
+            return None
+
+        def create_event(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    verdict: dict[str, list[str]] = {}
+    extender = Extender(cluster, SlowApi())
+    assert extender.bind({"podName": "first", "podNamespace": "default", "podUID": "uid-first", "node": "n1"}) == {
+        "Error": ""
+    }
+    assert verdict["second"] == []  # 600m + 600m never on one device
+    assert extender.filter({"Pod": second, "NodeNames": ["n1"]})["NodeNames"] == []
+
+
+def test_heartbeats_alone_do_not_rebuild_the_state() -> None:
+    cluster = cluster_of(node("n1", 2))
+    assert cluster.state is not None
+    version = cluster.version
+    cluster.upsert_node(node("n1", 2))  # same inventory, newer heartbeat
+    assert cluster.state is not None and cluster.version == version
+    cluster.upsert_node(node("n1", 2, healthy=False))
+    assert cluster.state is None and cluster.version == version + 1

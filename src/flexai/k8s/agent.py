@@ -76,11 +76,11 @@ class NodeAgent:
             raw = annotations.get(names.ANNOTATION_PLACEMENT)
             if not raw or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                 continue
-            try:
+            try:  # one pod's bad annotation must not break Allocate for the whole node
                 placement = names.Placement.from_json(raw)
-            except (ValueError, KeyError, TypeError):
+                bound_at = float(annotations.get(names.ANNOTATION_BOUND_AT, "0") or 0)
+            except (ValueError, TypeError):
                 continue
-            bound_at = float(annotations.get(names.ANNOTATION_BOUND_AT, "0") or 0)
             pending.append(
                 (
                     bound_at,

@@ -63,7 +63,9 @@ class KubeClient:
             "allowWatchBookmarks": "true",
         }
         try:
-            with self.http.stream("GET", path, params=params, timeout=None) as response:
+            # A read timeout past the server's own watch timeout: a half-open connection cannot hang forever.
+            timeout = httpx.Timeout(10.0, read=timeout_s + 30.0)
+            with self.http.stream("GET", path, params=params, timeout=timeout) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise ApiError(response.status_code, response.text)
@@ -82,7 +84,8 @@ class KubeClient:
         return self._call("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
 
     # ----------------------------------------------------------------- writes
-    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> dict:
+    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str | None]) -> dict:
+        """Merge-patch the pod's annotations (a None value removes the key)."""
         return self._call(
             "PATCH",
             f"/api/v1/namespaces/{namespace}/pods/{name}",
@@ -185,11 +188,15 @@ class Informer:
                     if self._stop.is_set():
                         return
                     obj = event.get("object", {})
+                    if event["type"] != "BOOKMARK":
+                        try:
+                            self.on_event(event["type"], obj)
+                        except Exception:  # noqa: BLE001  (never skip an event silently: list again)
+                            self.resource_version = ""
+                            break
                     rv = obj.get("metadata", {}).get("resourceVersion")
                     if rv:
                         self.resource_version = rv
-                    if event["type"] != "BOOKMARK":
-                        self.on_event(event["type"], obj)
             except ApiError as exc:
                 if exc.status == 410:
                     self.resource_version = ""  # too old: list again
@@ -218,6 +225,8 @@ class LeaderElector:
         self.lease_s = lease_s
         self.clock = clock
         self._leader_until = 0.0
+        self._observed: tuple[object, object] | None = None
+        self._observed_at = 0.0
 
     def is_leader(self) -> bool:
         return self.clock() < self._leader_until
@@ -226,11 +235,13 @@ class LeaderElector:
     def _stamp(t: float) -> str:
         return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
-    @staticmethod
-    def _parse(stamp: str | None) -> float:
-        if not stamp:
-            return 0.0
-        return datetime.strptime(stamp.replace("Z", ""), "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=UTC).timestamp()
+    def _expired(self, spec: dict, now: float) -> bool:
+        """Expiry timed on this replica's clock from when it last saw the record change (as client-go does),
+        so clock skew between replicas cannot make two leaders."""
+        record = (spec.get("holderIdentity"), spec.get("renewTime"))
+        if record != self._observed:
+            self._observed, self._observed_at = record, now
+        return now >= self._observed_at + float(spec.get("leaseDurationSeconds") or self.lease_s)
 
     def try_acquire_or_renew(self) -> bool:
         now = self.clock()
@@ -251,10 +262,7 @@ class LeaderElector:
             else:
                 current = lease.get("spec", {})
                 holder = current.get("holderIdentity")
-                expires = self._parse(current.get("renewTime")) + float(
-                    current.get("leaseDurationSeconds", self.lease_s)
-                )
-                if holder not in (None, "", self.identity) and now < expires:
+                if holder not in (None, "", self.identity) and not self._expired(current, now):
                     self._leader_until = 0.0
                     return False
                 if holder != self.identity:
@@ -265,7 +273,7 @@ class LeaderElector:
                 lease["spec"] = {**current, **spec}
                 # The resourceVersion in metadata makes the update conditional: two replicas never both win.
                 self.client.replace_lease(self.namespace, self.name, lease)
-        except ApiError:
+        except (ApiError, ValueError, TypeError):
             self._leader_until = 0.0
             return False
         self._leader_until = now + self.lease_s * 2 / 3  # stop acting before the lease can expire

@@ -8,6 +8,7 @@ also holds its slices. Node changes rebuild the state (rare); pod changes update
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -77,6 +78,32 @@ def pod_request(pod: dict) -> Request | None:
         raise PodRequestError(str(exc)) from None
 
 
+def _node_signature(node: dict) -> tuple[str, float]:
+    """What scheduling reads of a Node (inventory without its heartbeat, allocatable), and the heartbeat."""
+    annotations = node.get("metadata", {}).get("annotations") or {}
+    raw = annotations.get(names.ANNOTATION_INVENTORY, "")
+    heartbeat = 0.0
+    try:
+        data = json.loads(raw) if raw else {}
+        if isinstance(data, dict):
+            heartbeat = float(data.pop("heartbeat", 0.0))
+            raw = json.dumps(data, sort_keys=True)
+    except (ValueError, TypeError):
+        pass
+    allocatable = json.dumps((node.get("status") or {}).get("allocatable") or {}, sort_keys=True)
+    return f"{raw}|{allocatable}", heartbeat
+
+
+def dataclass_tail(placement: Placement) -> tuple:
+    return (
+        placement.device_indices,
+        placement.share_milli,
+        placement.device_memory_mib,
+        placement.cpu_milli,
+        placement.host_memory_mib,
+    )
+
+
 def pod_usage(pod: dict) -> tuple[int, int]:
     """CPU milli and memory MiB a bound pod holds on its node (its containers' requests)."""
     cpu = mem = 0
@@ -112,25 +139,37 @@ class KubeCluster:
         self.index_of: dict[str, int] = {}
         self.problems: dict[str, str] = {}
         """Why a known Node is not schedulable by flexai (no inventory, stale heartbeat...)."""
+        self.in_flight: dict[str, tuple[str, Placement]] = {}
+        """Binds in progress (pod key -> node, placement): held across rebuilds and stale pod events."""
+        self._signature: dict[str, str] = {}
+        self._heartbeat: dict[str, float] = {}
 
     # ----------------------------------------------------------------- updates
     def upsert_node(self, node: dict) -> None:
-        self.nodes[node["metadata"]["name"]] = node
-        self._dirty = True
+        name = node["metadata"]["name"]
+        signature, heartbeat = _node_signature(node)
+        self.nodes[name] = node
+        self._heartbeat[name] = heartbeat
+        # A heartbeat alone changes nothing to schedule on: no rebuild (staleness is checked on read).
+        if self._signature.get(name) != signature:
+            self._signature[name] = signature
+            self._dirty = True
 
     def delete_node(self, name: str) -> None:
         self.nodes.pop(name, None)
+        self._signature.pop(name, None)
+        self._heartbeat.pop(name, None)
         self._dirty = True
 
     def upsert_pod(self, pod: dict) -> None:
         key = pod_key(pod)
         old = self.pods.get(key)
         self.pods[key] = pod
-        if self._dirty or self._state is None:
+        if self._dirty or self._state is None or key in self.in_flight:
             return
         if old is not None:
             self._state.unreserve(key)
-        self._hold(pod)
+        self._safe_hold(pod)
 
     def delete_pod(self, pod: dict | str) -> None:
         key = pod if isinstance(pod, str) else pod_key(pod)
@@ -141,12 +180,14 @@ class KubeCluster:
     # ----------------------------------------------------------------- state
     @property
     def state(self) -> ClusterState | None:
+        now = self.clock()
+        if any(now - self._heartbeat.get(n.name, 0.0) > self.inventory_timeout_s for n in self.flex_nodes):
+            self._dirty = True  # an agent went quiet
         if self._dirty:
             self._rebuild()
         return self._state
 
     def _rebuild(self) -> None:
-        self._dirty = False
         self.problems = {}
         flex_nodes: list[FlexNode] = []
         engine_nodes: list[Node] = []
@@ -159,7 +200,7 @@ class KubeCluster:
                 continue
             try:
                 inventory = names.Inventory.from_json(raw)
-            except (ValueError, TypeError, KeyError) as exc:
+            except ValueError as exc:
                 self.problems[name] = f"unreadable {names.ANNOTATION_INVENTORY}: {exc}"
                 continue
             if now - inventory.heartbeat > self.inventory_timeout_s:
@@ -178,17 +219,39 @@ class KubeCluster:
             except QuantityError as exc:
                 self.problems[name] = str(exc)
                 continue
+            try:
+                engine_node = Node(
+                    name, cpu, memory, len(devices), model, device_memory_mib=min(d.memory_mib for d in devices)
+                )
+            except ValueError as exc:
+                self.problems[name] = str(exc)
+                continue
             flex_nodes.append(FlexNode(name, inventory, model, devices))
-            engine_nodes.append(
-                Node(name, cpu, memory, len(devices), model, device_memory_mib=min(d.memory_mib for d in devices))
-            )
+            engine_nodes.append(engine_node)
         self.flex_nodes = flex_nodes
         self.index_of = {n.name: i for i, n in enumerate(flex_nodes)}
         self._state = ClusterState(engine_nodes) if engine_nodes else None
         self.version += 1
-        if self._state is not None:
-            for pod in self.pods.values():
-                self._hold(pod)
+        self._dirty = False
+        if self._state is None:
+            return
+        for key, pod in self.pods.items():
+            if key not in self.in_flight:
+                self._safe_hold(pod)
+        for key, (node_name, placement) in self.in_flight.items():
+            index = self.index_of.get(node_name)
+            if index is not None:
+                try:
+                    self._state.reserve(key, Placement(index, *dataclass_tail(placement)))
+                except LedgerError:
+                    pass
+
+    def _safe_hold(self, pod: dict) -> None:
+        """One malformed pod must not stop the others from being held (nor fail a scheduling call)."""
+        try:
+            self._hold(pod)
+        except Exception as exc:  # noqa: BLE001
+            self.problems[f"pod {pod_key(pod)}"] = f"ignored: {exc}"
 
     def _hold(self, pod: dict) -> None:
         """Reserve what a bound (or placed) pod holds. Pods that finished hold nothing."""
@@ -200,13 +263,14 @@ class KubeCluster:
         raw = annotations.get(names.ANNOTATION_PLACEMENT)
         node_name = (pod.get("spec") or {}).get("nodeName")
         placement = None
-        if raw:
+        if raw and node_name:
             try:
                 placement = names.Placement.from_json(raw)
-            except (ValueError, KeyError, TypeError):
+            except ValueError:
                 placement = None
-            if placement is not None:
-                node_name = placement.node
+            # Only a bound pod's placement counts: a pending pod (or a user) cannot reserve by annotation.
+            if placement is not None and placement.node != node_name:
+                placement = None
         if not node_name or node_name not in self.index_of:
             return
         index = self.index_of[node_name]

@@ -28,7 +28,7 @@ MAX_EXTENDER_PRIORITY = 10
 
 class KubeApi(Protocol):
     def get_pod(self, namespace: str, name: str) -> dict: ...
-    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> dict: ...
+    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str | None]) -> dict: ...
     def bind_pod(self, namespace: str, name: str, uid: str, node: str) -> None: ...
     def create_event(self, pod: dict, reason: str, message: str, kind: str = "Warning") -> None: ...
 
@@ -39,6 +39,24 @@ class ApiError(RuntimeError):
         self.status = status
 
 
+def _field(args: dict[str, Any], *names_: str) -> Any:
+    """kube-scheduler sends its JSON tags (``pod``, ``nodes``, ``nodenames``, ``podName``...); Go field names
+    (``Pod``, ``Nodes``, ``NodeNames``, ``PodName``...) are accepted too."""
+    for name in names_:
+        if name in args and args[name] is not None:
+            return args[name]
+    return None
+
+
+def _candidates(args: dict[str, Any]) -> tuple[list[str], list[dict] | None]:
+    node_names = _field(args, "nodenames", "NodeNames", "nodeNames")
+    nodes = _field(args, "nodes", "Nodes")
+    items = (nodes or {}).get("items") if nodes else None
+    if node_names is not None:
+        return list(node_names), None
+    return [n["metadata"]["name"] for n in items or []], items or []
+
+
 class Extender:
     def __init__(
         self,
@@ -47,7 +65,9 @@ class Extender:
         policy: str = "flex",
         is_leader: Callable[[], bool] = lambda: True,
         bind_retries: int = 3,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
+        self.ready = ready
         self.cluster = cluster
         self.api = api
         self.policy_name = policy
@@ -115,9 +135,10 @@ class Extender:
 
     # ----------------------------------------------------------------- filter
     def filter(self, args: dict[str, Any]) -> dict[str, Any]:
-        pod = args.get("Pod") or args.get("pod") or {}
-        node_items = (args.get("Nodes") or {}).get("items") if args.get("Nodes") else None
-        candidates = list(args.get("NodeNames") or [n["metadata"]["name"] for n in node_items or []])
+        pod = _field(args, "pod", "Pod") or {}
+        candidates, _ = _candidates(args)
+        if not self.ready():
+            return self._filter_result(args, [], {}, {}, error="flexai scheduler is still loading the cluster; retry")
         try:
             request = pod_request(pod)
         except PodRequestError as exc:
@@ -163,11 +184,11 @@ class Extender:
         args: dict[str, Any], passed: list[str], failed: dict[str, str], unresolvable: dict[str, str], error: str = ""
     ) -> dict[str, Any]:
         result: dict[str, Any] = {"FailedNodes": failed, "FailedAndUnresolvableNodes": unresolvable, "Error": error}
-        if args.get("NodeNames") is not None:
+        _, items = _candidates(args)
+        if items is None:
             result["NodeNames"] = passed
             result["Nodes"] = None
         else:
-            items = (args.get("Nodes") or {}).get("items") or []
             keep = set(passed)
             result["Nodes"] = {"items": [n for n in items if n["metadata"]["name"] in keep]}
             result["NodeNames"] = None
@@ -185,9 +206,8 @@ class Extender:
 
     # ----------------------------------------------------------------- prioritize
     def prioritize(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        pod = args.get("Pod") or {}
-        node_items = (args.get("Nodes") or {}).get("items") if args.get("Nodes") else None
-        candidates = list(args.get("NodeNames") or [n["metadata"]["name"] for n in node_items or []])
+        pod = _field(args, "pod", "Pod") or {}
+        candidates, _ = _candidates(args)
         try:
             request = pod_request(pod)
         except PodRequestError:
@@ -214,10 +234,12 @@ class Extender:
 
     # ----------------------------------------------------------------- bind
     def bind(self, args: dict[str, Any]) -> dict[str, str]:
-        namespace = args.get("PodNamespace", "default")
-        name = args.get("PodName", "")
-        uid = args.get("PodUID", "")
-        node = args.get("Node", "")
+        namespace = _field(args, "podNamespace", "PodNamespace") or "default"
+        name = _field(args, "podName", "PodName") or ""
+        uid = _field(args, "podUID", "PodUID") or ""
+        node = _field(args, "node", "Node") or ""
+        if not self.ready():
+            return {"Error": "flexai scheduler is still loading the cluster; retry"}
         if not self.is_leader():
             return {"Error": "this flexai scheduler replica is not the leader; retry"}
         if self.api is None:
@@ -251,6 +273,7 @@ class Extender:
 
                 placement = Placement.for_request(request, index, devices)
                 state.reserve(key, placement)
+                self.cluster.in_flight[key] = (node, placement)
                 flex_node = self.cluster.flex_nodes[index]
                 grant = names.Placement(
                     node=node,

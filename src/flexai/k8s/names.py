@@ -60,14 +60,25 @@ class Inventory:
 
     @classmethod
     def from_json(cls, text: str) -> Inventory:
+        """Parse and type-check; raises ValueError naming what is wrong."""
         data = json.loads(text)
-        devices = tuple(InventoryDevice(**d) for d in data.get("devices", []))
-        return cls(
-            devices=devices,
-            share_step_milli=int(data.get("share_step_milli", 100)),
-            heartbeat=float(data.get("heartbeat", 0.0)),
-            vendor=str(data.get("vendor", "")),
-        )
+        if not isinstance(data, dict) or not isinstance(data.get("devices", []), list):
+            raise ValueError("inventory must be an object with a list of devices")
+        try:
+            devices = tuple(
+                InventoryDevice(
+                    int(d["index"]), str(d["uuid"]), str(d["model"]), int(d["memory_mib"]), bool(d.get("healthy", True))
+                )
+                for d in data.get("devices", [])
+            )
+            return cls(
+                devices=devices,
+                share_step_milli=int(data.get("share_step_milli", 100)),
+                heartbeat=float(data.get("heartbeat", 0.0)),
+                vendor=str(data.get("vendor", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"inventory device entry is malformed: {exc!r}") from None
 
 
 @dataclass(frozen=True)
@@ -90,5 +101,17 @@ class Placement:
 
     @classmethod
     def from_json(cls, text: str) -> Placement:
+        """Parse and type-check; raises ValueError naming what is wrong."""
         data = json.loads(text)
-        return cls(node=str(data["node"]), slices=tuple(SliceGrant(**s) for s in data.get("slices", [])))
+        if not isinstance(data, dict) or not isinstance(data.get("slices", []), list):
+            raise ValueError("placement must be an object with a node and a list of slices")
+        try:
+            return cls(
+                node=str(data["node"]),
+                slices=tuple(
+                    SliceGrant(int(s["device"]), str(s["uuid"]), int(s["share_milli"]), int(s["memory_mib"]))
+                    for s in data.get("slices", [])
+                ),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"placement is malformed: {exc!r}") from None

@@ -63,6 +63,8 @@ class SchedulerService:
 
         self.node_informer = Informer(client, "/api/v1/nodes", replace_nodes, node_event)
         self.pod_informer = Informer(client, "/api/v1/pods", replace_pods, pod_event)
+        # Until both lists are in, every device would look free: answer "retry" instead of deciding.
+        self.extender.ready = lambda: self.node_informer.synced.is_set() and self.pod_informer.synced.is_set()
         self._stop = threading.Event()
         self._elector_thread = threading.Thread(target=self._elect, name="flexai-leader-election", daemon=True)
 
