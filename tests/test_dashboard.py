@@ -117,3 +117,10 @@ def test_dashboard_shows_every_slice(daemon: tuple[str, str], tmp_path: Path) ->
     keep = os.environ.get("FLEXAI_DASHBOARD_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
+
+
+def test_bad_environment_is_refused_with_the_key(daemon: tuple[str, str]) -> None:
+    url, token = daemon
+    body = {"command": ["true"], "env": {"A=B": "x"}}
+    answer = httpx.post(f"{url}/api/v1/jobs", json=body, headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 422 and "env key 'A=B'" in answer.text

@@ -247,3 +247,90 @@ def test_jobs_are_time_sliced_only_while_the_device_is_contended(
     finally:
         for job in jobs:
             pool.cancel(job.id)
+
+
+def test_a_job_that_cannot_start_fails_alone_and_frees_its_slice(tmp_path: Path) -> None:
+    pool = make_pool(tmp_path, "1xA100-80GB")
+    broken = pool.submit(JobSubmission(["python3", "-c", "print(1)\x00"], share_milli=1000))
+    nowhere = pool.submit(JobSubmission(["true"], share_milli=1000, cwd=str(tmp_path / "missing")))
+    fine = pool.submit(JobSubmission(["true"], share_milli=1000))
+    wait_for(lambda: pool.store.job(fine.id).state == "succeeded", pool.tick)
+    for job in (broken, nowhere):
+        record = pool.store.job(job.id)
+        assert record.state == "failed" and record.reason.startswith("could not start:")
+    assert pool.state.grants == {}
+
+
+def test_recovery_requeues_a_start_that_never_happened_and_adopts_one_that_did(tmp_path: Path) -> None:
+    first = make_pool(tmp_path, "1xA100-80GB")
+    never = first.submit(JobSubmission(["true"], share_milli=500))
+    started = first.submit(JobSubmission(gated_command(tmp_path / "release-0"), share_milli=500))
+    slices = [{"device": 0, "uuid": first.devices[0].uuid, "model": "A100", "share_milli": 500, "memory_mib": 0}]
+    # The daemon recorded both starts, then died: one before Popen, one after Popen but before the pid.
+    first.store.update_job(never.id, state="running", slices=slices, pid=None)
+    import subprocess
+    import sys
+
+    log, exit_file = first._paths(started.id)
+    shim = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flexai.local.shim",
+            str(exit_file),
+            str(log),
+            "--",
+            *gated_command(tmp_path / "release-0"),
+        ],
+        start_new_session=True,
+    )
+    wait_for(lambda: first._pid_file(started.id).exists())
+    first.store.update_job(started.id, state="running", slices=slices, pid=None)
+    second = make_pool(tmp_path, "1xA100-80GB")
+    try:
+        assert second.store.job(never.id).state == "queued"
+        adopted = second.store.job(started.id)
+        assert adopted.state == "running" and adopted.pid == shim.pid
+        assert set(second.state.grants) == {started.id}
+    finally:
+        (tmp_path / "release-0").touch()
+        shim.wait(timeout=20)
+        wait_for(lambda: not second.store.jobs(("running", "queued")), second.tick, 30)
+    assert second.store.job(started.id).state == "succeeded"
+
+
+def test_one_state_folder_serves_one_daemon(tmp_path: Path) -> None:
+    from flexai.local.daemon import StateInUseError, lock_state
+
+    fd = lock_state(tmp_path / "state")
+    with pytest.raises(StateInUseError, match="another flexai serve is running on state"):
+        lock_state(tmp_path / "state")
+    import os
+
+    os.close(fd)
+    os.close(lock_state(tmp_path / "state"))
+
+
+def test_strict_isolation_gates_even_an_idle_device(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from flexai.node.sim import SimBackend
+
+    class Quiet(SimBackend):
+        def devices(self):  # noqa: ANN202
+            return [replace(d, utilisation_pct=5.0) for d in super().devices()]
+
+    backend = Quiet("1xA100-80GB")
+    pool = Pool(tmp_path / "state", backend, backend.devices(), PoolConfig(lending=False, timeslice_period_s=0.2))
+    job = pool.submit(JobSubmission(busy_command(30), share_milli=300))
+    try:
+        pool.tick()
+        paused = False
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            pool.timeslice()
+            paused |= pool._running[job.id].stopped_by_slicer
+            time.sleep(0.005)
+        assert paused
+    finally:
+        pool.cancel(job.id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -86,7 +87,10 @@ class PoolClient:
             console.print(f"[red]error:[/] cannot reach the pool daemon at {self.where}: {exc}")
             raise typer.Exit(code=1) from None
         if response.status_code >= 400:
-            detail = response.json().get("detail", response.text) if response.content else response.reason_phrase
+            try:
+                detail = response.json().get("detail", response.text) if response.content else response.reason_phrase
+            except ValueError:  # not JSON (e.g. a plain-text 500)
+                detail = response.text.strip() or response.reason_phrase
             if isinstance(detail, list):  # pydantic validation errors
                 detail = "; ".join(f"{'.'.join(map(str, d['loc'][1:]))}: {d['msg']}" for d in detail)
             if response.status_code in (400, 404, 422):
@@ -129,6 +133,14 @@ def serve(
         if len(token) < 16:
             fail(f"--token-file={str(token_file)!r} holds a token of {len(token)} characters: at least 16 are needed")
         address = (host, int(port))
+    from flexai.local.daemon import StateInUseError, lock_state
+
+    try:
+        lock_state(directory)
+    except StateInUseError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"--state={str(directory)!r} cannot be used: {exc.strerror}")
     try:
         backend, found = discover(devices)
     except (DiscoveryError, ValueError) as exc:
@@ -140,8 +152,8 @@ def serve(
             found,
             PoolConfig(share_step_milli=share_step, lending=lending, memory_grace_s=memory_grace),
         )
-    except ValueError as exc:
-        fail(str(exc))
+    except (ValueError, RuntimeError, OSError, sqlite3.Error) as exc:
+        fail(f"cannot open the pool state in {directory}: {exc}")
     where = f"http://{listen}" if listen else str(directory / "flexai.sock")
     console.print(f"flexai pool: {len(found)} {backend.name} device(s), state {directory}, API on {where}")
     run_server(pool, directory, address, token)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from flexai import __version__
 from flexai.local.pool import JobSubmission, Pool, SubmitError
@@ -25,6 +25,22 @@ class SubmitBody(BaseModel):
     name: str = Field("", max_length=200)
     cwd: str = Field("/", description="Working directory of the job.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment of the job.")
+
+    @field_validator("command")
+    @classmethod
+    def _no_nul_in_command(cls, value: list[str]) -> list[str]:
+        for i, part in enumerate(value):
+            if "\x00" in part:
+                raise ValueError(f"command[{i}] contains a NUL byte: not allowed in a process argument")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _valid_environment(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, item in value.items():
+            if not key or "=" in key or "\x00" in key or "\x00" in item:
+                raise ValueError(f"env key {key!r}: names need no '=' and no NUL byte, values no NUL byte")
+        return value
 
 
 class LogChunk(BaseModel):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import signal
 import socket
@@ -11,6 +13,8 @@ from pathlib import Path
 
 from flexai.local.api import create_app
 from flexai.local.pool import Pool
+
+log = logging.getLogger(__name__)
 
 LOOP_PERIOD_S = 0.02
 UTILISATION_PERIOD_S = 1.0
@@ -36,13 +40,34 @@ class PoolLoop:
         last_point = 0.0
         while not self._stop.is_set():
             with self.lock:
-                self.pool.tick()
-                self.pool.timeslice()
-                now = time.monotonic()
-                if now - last_point >= UTILISATION_PERIOD_S:
-                    self.pool.record_utilisation()
-                    last_point = now
+                try:
+                    self.pool.tick()
+                    self.pool.timeslice()
+                    now = time.monotonic()
+                    if now - last_point >= UTILISATION_PERIOD_S:
+                        self.pool.record_utilisation()
+                        last_point = now
+                except Exception:  # noqa: BLE001  (the loop must outlive any one bad tick)
+                    log.exception("pool loop tick failed; resuming every paused job and going on")
+                    self.pool.resume_all()
+                    self.pool.store.event(None, "error", "a pool loop tick failed; see the daemon log")
             self._stop.wait(LOOP_PERIOD_S)
+
+
+class StateInUseError(RuntimeError):
+    pass
+
+
+def lock_state(state_dir: Path) -> int:
+    """Hold the state folder for this daemon's life: two daemons on one state would grant slices twice."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateInUseError(f"another flexai serve is running on state {state_dir}") from None
+    return fd
 
 
 def socket_path(state_dir: Path) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from flexai.local.procfs import process_start_ticks, process_state
 from flexai.local.store import ACTIVE_STATES, JobRecord, Store
-from flexai.model import ClusterState, Node, Placement, Request, RequestError
+from flexai.model import ClusterState, LedgerError, Node, Placement, Request, RequestError
 from flexai.model.workload import WorkloadProfile
 from flexai.node.devices import DeviceBackend, DeviceInfo
 from flexai.node.environment import slice_environment
@@ -208,6 +208,7 @@ class Pool:
         self._reap()
         self._watch_memory()
         self._schedule()
+        self.state.compact_journal()
 
     def _schedule(self) -> None:
         if len(self.store.jobs()) - self._profile_jobs >= 50:
@@ -247,6 +248,9 @@ class Pool:
     def _paths(self, job_id: str) -> tuple[Path, Path]:
         return self.logs_dir / f"{job_id}.log", self.logs_dir / f"{job_id}.exit"
 
+    def _pid_file(self, job_id: str) -> Path:
+        return self.logs_dir / f"{job_id}.pid"
+
     def log_path(self, job_id: str) -> Path:
         return self._paths(job_id)[0]
 
@@ -254,8 +258,12 @@ class Pool:
         slices = self._slices(placement)
         log, exit_file = self._paths(job.id)
         exit_file.unlink(missing_ok=True)
-        env = self.job_environment(job, slices)
+        self._pid_file(job.id).unlink(missing_ok=True)
+        # Recorded before the process exists: a daemon killed right after Popen finds the job "running"
+        # with its slices and adopts it through the shim's pid file instead of starting it twice.
+        self.store.update_job(job.id, state="running", slices=slices, pid=None)
         try:
+            env = self.job_environment(job, slices)
             process = subprocess.Popen(
                 [sys.executable, "-m", "flexai.local.shim", str(exit_file), str(log), "--", *job.command],
                 cwd=job.cwd,
@@ -265,10 +273,16 @@ class Pool:
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001  (OSError, or ValueError for a NUL byte: the job fails, the pool goes on)
             self.state.unreserve(job.id)
             self.store.update_job(
-                job.id, "failed", f"could not start: {exc}", state="failed", reason=str(exc), ended_at=time.time()
+                job.id,
+                "failed",
+                f"could not start: {exc}",
+                state="failed",
+                reason=f"could not start: {exc}",
+                slices=None,
+                ended_at=time.time(),
             )
             return
         job.pid = process.pid
@@ -314,13 +328,17 @@ class Pool:
         if running is None or running.record.pid is None:
             return
         pgid = running.record.pid
-        for sig in (signal.SIGCONT, signal.SIGKILL):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
+        if _alive(pgid, running.record.pid_start_ticks):  # never signal a group whose leader pid was reused
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.killpg(pgid, sig)
+                except ProcessLookupError:
+                    break
         if running.process is not None:
-            running.process.wait(timeout=10)
+            try:
+                running.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass  # stuck in the kernel (e.g. a device call): the slice is released all the same
         self._finish(job_id, state, reason, None)
 
     # ------------------------------------------------------------------ memory
@@ -332,7 +350,11 @@ class Pool:
         devices_in_use = {int(s["device"]) for r in self._running.values() for s in (r.record.slices or [])}
         group_of = {r.record.pid: job_id for job_id, r in self._running.items() if r.record.pid}
         for device in devices_in_use:
-            for pid, mib in self.backend.process_memory_mib(device).items():
+            try:
+                per_process = self.backend.process_memory_mib(device)
+            except Exception:  # noqa: BLE001  (a failed reading skips this round; the next tick tries again)
+                continue
+            for pid, mib in per_process.items():
                 job_id = group_of.get(_process_group(pid))
                 if job_id is not None:
                     usage.setdefault(job_id, {}).setdefault(device, 0)
@@ -389,7 +411,7 @@ class Pool:
                 for s in running.record.slices or []:
                     by_device.setdefault(int(s["device"]), []).append(running)  # type: ignore[call-overload]
         for device_index, members in by_device.items():
-            if not self.contended(device_index):
+            if self.config.lending and not self.contended(device_index):
                 continue
             members.sort(key=lambda r: r.record.seq)
             shares = [r.record.share_milli for r in members]
@@ -404,6 +426,14 @@ class Pool:
                 start += share
         for job_id, run in want_running.items():
             self._gate(self._running[job_id], run)
+
+    def resume_all(self) -> None:
+        """Let every paused job run (after an error in the loop, nobody may stay stopped)."""
+        for running in self._running.values():
+            try:
+                self._gate(running, True)
+            except OSError:
+                continue
 
     def _gate(self, running: _Running, run: bool) -> None:
         if running.record.pid is None or run == (not running.stopped_by_slicer):
@@ -420,30 +450,55 @@ class Pool:
         lost; rebuild the ledger so that no slice is granted twice."""
         for job in self.store.jobs(("running",)):
             _, exit_file = self._paths(job.id)
-            if not job.slices or job.pid is None:
-                self.store.update_job(job.id, "lost", "no placement recorded", state="lost", ended_at=time.time())
-                continue
+            if job.pid is None:
+                job = self._adopt_unrecorded_start(job, exit_file)
+                if job is None:
+                    continue
             placement = self._placement_of(job)
             if placement is None:
                 self.store.update_job(
                     job.id, "lost", "its devices are no longer in the pool", state="lost", ended_at=time.time()
                 )
                 continue
-            self.state.reserve(job.id, placement)
-            self._running[job.id] = _Running(job, None)
             try:
-                os.killpg(job.pid, signal.SIGCONT)  # a restart must not leave a job paused by the slicer
-            except (ProcessLookupError, PermissionError):
-                pass
-            if _alive(job.pid, job.pid_start_ticks) or exit_file.exists():
+                self.state.reserve(job.id, placement)
+            except LedgerError as exc:
+                self.store.update_job(
+                    job.id, "lost", f"cannot hold its slices again: {exc}", state="lost", ended_at=time.time()
+                )
+                continue
+            self._running[job.id] = _Running(job, None)
+            if _alive(job.pid, job.pid_start_ticks):
+                try:
+                    os.killpg(job.pid, signal.SIGCONT)  # a restart must not leave a job paused by the slicer
+                except (ProcessLookupError, PermissionError):
+                    pass
                 self.store.event(job.id, "adopted", f"re-adopted running job (pid {job.pid})")
         self._reap()
 
+    def _adopt_unrecorded_start(self, job: JobRecord, exit_file: Path) -> JobRecord | None:
+        """The daemon died between recording a start and recording its pid: find the shim by its pid file,
+        or put the job back in the queue if it never started."""
+        pid_file = self._pid_file(job.id)
+        if pid_file.exists():
+            pid = int(pid_file.read_text().strip() or 0)
+            ticks = process_start_ticks(pid) if pid else None
+            self.store.update_job(job.id, pid=pid, pid_start_ticks=ticks)
+            job.pid, job.pid_start_ticks = pid, ticks
+            return job
+        if exit_file.exists():
+            return job
+        self.store.update_job(
+            job.id, "requeued", "the daemon stopped before the job started", state="queued", slices=None
+        )
+        return None
+
     def _placement_of(self, job: JobRecord) -> Placement | None:
-        wanted = [int(s["device"]) for s in job.slices or []]  # type: ignore[call-overload]
+        # By UUID: indices may move when devices are re-enumerated; UUIDs do not.
+        wanted = [str(s["uuid"]) for s in job.slices or []]
         for node_index, group in enumerate(self.group_devices):
-            local = {d.index: i for i, d in enumerate(group)}
-            if all(w in local for w in wanted):
+            local = {d.uuid: i for i, d in enumerate(group)}
+            if wanted and all(w in local for w in wanted):
                 return Placement(node_index, tuple(local[w] for w in wanted), job.share_milli, job.memory_mib, 0, 0)
         return None
 

@@ -5,6 +5,9 @@ and cancel signal the whole group). It ignores SIGTERM itself so that it can sti
 ended; SIGKILL of the group ends both without a record, which the daemon reads as "killed".
 
     python -m flexai.local.shim EXIT_FILE LOG_FILE -- COMMAND [ARGS...]
+
+It first writes its pid next to the exit file (``<job>.pid``), so a daemon that died right after starting
+it can still find and adopt it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ def main(argv: list[str]) -> int:
         return 2
     exit_file, log_file, command = argv[0], argv[1], argv[3:]
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pid_file = exit_file.removesuffix(".exit") + ".pid"
+    with open(f"{pid_file}.tmp", "w") as fh:
+        fh.write(str(os.getpid()))
+    os.replace(f"{pid_file}.tmp", pid_file)
     with open(log_file, "ab", buffering=0) as log:
         try:
             # The child gets default SIGTERM handling back (preexec restores it before exec).
