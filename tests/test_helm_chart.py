@@ -40,6 +40,7 @@ ALLOWED_KINDS = {
     ("cert-manager.io/v1", "Certificate"),
     ("cert-manager.io/v1", "Issuer"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
 }
 EXPECTED_KINDS = {kind for _, kind in ALLOWED_KINDS}
 

@@ -111,6 +111,7 @@ def scheduler(
     ] = "flexai-system",
     policy: Annotated[str, typer.Option(help="Scoring policy.")] = "flex",
     leader_election: Annotated[bool, typer.Option(help="Bind only while holding the Lease.")] = True,
+    metrics_port: Annotated[int, typer.Option(help="Port of /metrics on all addresses (0 = off).")] = 9401,
     api_server: ApiServerOption = None,
     token_file: TokenOption = None,
     insecure: InsecureOption = False,
@@ -125,6 +126,18 @@ def scheduler(
         _client(api_server, token_file, insecure), namespace, policy=policy, leader_election=leader_election
     )
     service.start()
+    if metrics_port:
+        # Only /metrics on the pod network; filter, prioritize and bind stay on --host.
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, registry=service.extender.prometheus.registry)
+
+        def refresh() -> None:
+            while True:
+                service.extender.refresh_gauges()
+                threading.Event().wait(10)
+
+        threading.Thread(target=refresh, name="flexai-metrics", daemon=True).start()
     console.print(f"flexai scheduler extender on {host}:{port} (policy {policy})")
     uvicorn.run(create_extender_app(service.extender), host=host, port=port, log_level="warning")
     service.stop()
