@@ -334,3 +334,13 @@ def test_strict_isolation_gates_even_an_idle_device(tmp_path: Path) -> None:
         assert paused
     finally:
         pool.cancel(job.id)
+
+
+def test_the_event_log_keeps_only_the_newest_events(tmp_path: Path) -> None:
+    from flexai.local.store import Store
+
+    store = Store(tmp_path / "state.db", keep_events=50)
+    for n in range(500):
+        store.event(None, "note", f"event {n}")
+    kept = store.events(limit=10_000)
+    assert 50 <= len(kept) <= 55 and kept[-1].message == "event 499"

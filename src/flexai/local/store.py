@@ -95,7 +95,10 @@ class Event:
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keep_events: int = 100_000) -> None:
+        self.keep_events = keep_events
+        """Newest events kept; older ones are dropped so a long-lived pool's state does not grow forever."""
+        self._events_since_trim = 0
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
@@ -196,11 +199,14 @@ class Store:
         with self.tx() as db:
             self._event(db, job_id, kind, message)
 
-    @staticmethod
-    def _event(db: sqlite3.Connection, job_id: str | None, kind: str, message: str) -> None:
+    def _event(self, db: sqlite3.Connection, job_id: str | None, kind: str, message: str) -> None:
         db.execute(
             "INSERT INTO events (ts, job_id, kind, message) VALUES (?,?,?,?)", (time.time(), job_id, kind, message)
         )
+        self._events_since_trim += 1
+        if self._events_since_trim >= max(1, self.keep_events // 10):
+            self._events_since_trim = 0
+            db.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (self.keep_events,))
 
     def events(self, after_id: int = 0, limit: int = 1000) -> list[Event]:
         with self._lock:
