@@ -8,6 +8,8 @@ Whole-device pods take the lowest-index free devices.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from flexai.model.cluster import Request
@@ -43,36 +45,54 @@ class FragmentationDeltaPolicy(Policy):
         self.cache = ShapeScoreCache(state)
         self._entry: CachedScores | None = None
 
-    def node_frag(self, state: ClusterState, free: np.ndarray, cpu: np.ndarray, model: np.ndarray) -> np.ndarray:
+    device_choice_by_delta: ClassVar[bool] = False
+    """False: a slice takes the device with the best integer score, lowest index on ties (FGD as published);
+    True: the device with the best real-valued delta."""
+
+    def node_frag(
+        self, nodes: np.ndarray, free: np.ndarray, cpu: np.ndarray, memory: np.ndarray, model: np.ndarray
+    ) -> np.ndarray:
+        """Fragmentation of each node state in the batch (``nodes`` says which node each row belongs to)."""
         return self.frag_model.node_frag(free, cpu, model)
 
-    def delta_to_score(self, delta_milli: np.ndarray, nodes: np.ndarray, state: ClusterState) -> np.ndarray:
-        return sigmoid_score(delta_milli)
+    def penalty(self, state: ClusterState, request: Request, nodes: np.ndarray) -> np.ndarray:
+        """Extra cost (milli) of placing ``request`` on each node, subtracted from the delta; none for FGD."""
+        return np.zeros(len(nodes))
 
     def evaluate(self, state: ClusterState, request: Request, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         free = state.free_share_milli[nodes]
         cpu = state.free_cpu_milli[nodes]
+        memory = state.free_host_memory_mib[nodes]
         model = state.node_model_id[nodes]
-        before = self.node_frag(state, free, cpu, model)
+        before = self.node_frag(nodes, free, cpu, memory, model)
         cpu_after = cpu - request.cpu_milli
-        if request.is_fractional:
-            devices = free.shape[1]
-            m = request.share_milli
-            hypo = np.repeat(free[:, None, :], devices, axis=1) - m * np.eye(devices, dtype=np.int64)[None]
-            after = self.node_frag(
-                state,
-                hypo.reshape(-1, devices),
-                np.repeat(cpu_after, devices),
-                np.repeat(model, devices),
-            ).reshape(-1, devices)
-            score = self.delta_to_score(before[:, None] - after, nodes, state)
-            fits = (free >= m) & state.device_present[nodes]
-            score = np.where(fits, score, np.iinfo(np.int64).min)
-            best = np.argmax(score, axis=1)
-            return score[np.arange(len(nodes)), best], best
-        free_after = take_whole_devices(free, request.share_milli, request.device_count)
-        after = self.node_frag(state, free_after, cpu_after, model)
-        return self.delta_to_score(before - after, nodes, state), np.zeros(len(nodes), dtype=np.int64)
+        memory_after = memory - request.host_memory_mib
+        penalty = self.penalty(state, request, nodes)
+        if not request.is_fractional:
+            free_after = take_whole_devices(free, request.share_milli, request.device_count)
+            after = self.node_frag(nodes, free_after, cpu_after, memory_after, model)
+            return sigmoid_score(before - after - penalty), np.zeros(len(nodes), dtype=np.int64)
+        # A slice may go to any fitting device: score each hypothetical placement.
+        devices = free.shape[1]
+        hypo = (
+            np.repeat(free[:, None, :], devices, axis=1) - request.share_milli * np.eye(devices, dtype=np.int64)[None]
+        )
+        after = self.node_frag(
+            np.repeat(nodes, devices),
+            hypo.reshape(-1, devices),
+            np.repeat(cpu_after, devices),
+            np.repeat(memory_after, devices),
+            np.repeat(model, devices),
+        ).reshape(-1, devices)
+        fits = (free >= request.share_milli) & state.device_present[nodes]
+        delta = np.where(fits, before[:, None] - after - penalty[:, None], 0.0)
+        rows = np.arange(len(nodes))
+        if self.device_choice_by_delta:
+            best = np.argmax(np.where(fits, delta, -np.inf), axis=1)
+            return sigmoid_score(delta[rows, best]), best
+        score = np.where(fits, sigmoid_score(delta), np.iinfo(np.int64).min)
+        best = np.argmax(score, axis=1)
+        return score[rows, best], best
 
     def _refresh(self, state: ClusterState, request: Request, mask: np.ndarray) -> CachedScores:
         key = (request.cpu_milli, request.share_milli, request.device_count)

@@ -28,7 +28,7 @@ import numpy as np
 
 from flexai.model.cluster import Request
 from flexai.model.state import ClusterState
-from flexai.scheduler.policies.fgd import FragmentationDeltaPolicy, take_whole_devices
+from flexai.scheduler.policies.fgd import FragmentationDeltaPolicy
 from flexai.scheduler.registry import register
 
 DEFAULT_STRAND_WEIGHT = 0.5
@@ -38,6 +38,7 @@ DEFAULT_MODEL_PRESSURE_WEIGHT = 0.25
 @register
 class FlexPolicy(FragmentationDeltaPolicy):
     name = "flex"
+    device_choice_by_delta = True
 
     def bind_state(self, state: ClusterState) -> None:
         super().bind_state(state)
@@ -76,7 +77,7 @@ class FlexPolicy(FragmentationDeltaPolicy):
             )
         return pressure
 
-    def node_frag_joint(
+    def node_frag(
         self, nodes: np.ndarray, free: np.ndarray, cpu: np.ndarray, memory: np.ndarray, model: np.ndarray
     ) -> np.ndarray:
         frag = self.frag_model.node_frag(free, cpu, model)
@@ -89,40 +90,10 @@ class FlexPolicy(FragmentationDeltaPolicy):
         stranded = np.maximum(free.sum(axis=1) - supportable, 0.0)
         return frag + self.strand_weight * stranded
 
-    def pressure_penalty(self, state: ClusterState, request: Request, nodes: np.ndarray) -> np.ndarray:
+    def penalty(self, state: ClusterState, request: Request, nodes: np.ndarray) -> np.ndarray:
         if not self.model_pressure_weight or not request.device_count:
             return np.zeros(len(nodes))
         allowed = [state.model_index[m] for m in request.allowed_models if m in state.model_index]
         least = self.model_pressure[allowed].min() if allowed else self.model_pressure[:-1].min()
         own = self.model_pressure[state.node_model_id[nodes]]
         return self.model_pressure_weight * np.maximum(own - least, 0.0) * request.total_share_milli
-
-    def evaluate(self, state: ClusterState, request: Request, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        free = state.free_share_milli[nodes]
-        cpu = state.free_cpu_milli[nodes]
-        memory = state.free_host_memory_mib[nodes]
-        model = state.node_model_id[nodes]
-        before = self.node_frag_joint(nodes, free, cpu, memory, model)
-        cpu_after = cpu - request.cpu_milli
-        memory_after = memory - request.host_memory_mib
-        penalty = self.pressure_penalty(state, request, nodes)
-        if not request.is_fractional:
-            free_after = take_whole_devices(free, request.share_milli, request.device_count)
-            after = self.node_frag_joint(nodes, free_after, cpu_after, memory_after, model)
-            return self.delta_to_score(before - after - penalty, nodes, state), np.zeros(len(nodes), dtype=np.int64)
-        devices = free.shape[1]
-        hypo = (
-            np.repeat(free[:, None, :], devices, axis=1) - request.share_milli * np.eye(devices, dtype=np.int64)[None]
-        )
-        after = self.node_frag_joint(
-            np.repeat(nodes, devices),
-            hypo.reshape(-1, devices),
-            np.repeat(cpu_after, devices),
-            np.repeat(memory_after, devices),
-            np.repeat(model, devices),
-        ).reshape(-1, devices)
-        fits = (free >= request.share_milli) & state.device_present[nodes]
-        delta = np.where(fits, before[:, None] - after, -np.inf)
-        best_device = np.argmax(delta, axis=1)
-        best_delta = delta[np.arange(len(nodes)), best_device] - penalty
-        return self.delta_to_score(best_delta, nodes, state), best_device
