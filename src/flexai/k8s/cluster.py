@@ -8,6 +8,7 @@ also holds its slices. Node changes rebuild the state (rare); pod changes update
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -92,16 +93,6 @@ def _node_signature(node: dict) -> tuple[str, float]:
         pass
     allocatable = json.dumps((node.get("status") or {}).get("allocatable") or {}, sort_keys=True)
     return f"{raw}|{allocatable}", heartbeat
-
-
-def dataclass_tail(placement: Placement) -> tuple:
-    return (
-        placement.device_indices,
-        placement.share_milli,
-        placement.device_memory_mib,
-        placement.cpu_milli,
-        placement.host_memory_mib,
-    )
 
 
 def pod_usage(pod: dict) -> tuple[int, int]:
@@ -242,7 +233,7 @@ class KubeCluster:
             index = self.index_of.get(node_name)
             if index is not None:
                 try:
-                    self._state.reserve(key, Placement(index, *dataclass_tail(placement)))
+                    self._state.reserve(key, dataclasses.replace(placement, node_index=index))
                 except LedgerError:
                     pass
 

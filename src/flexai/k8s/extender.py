@@ -19,7 +19,7 @@ import numpy as np
 
 from flexai.k8s import names
 from flexai.k8s.cluster import KubeCluster, PodRequestError, pod_key, pod_request
-from flexai.model import ClusterState, Request
+from flexai.model import Request
 from flexai.model.workload import WorkloadProfile
 from flexai.scheduler import PolicyContext, Scheduler, create_policy
 
@@ -76,7 +76,6 @@ class Extender:
         self.lock = threading.RLock()
         self._scheduler: Scheduler | None = None
         self._scheduler_version = -1
-        self.metrics: dict[str, int] = {}
         self.warned: set[str] = set()
         from flexai.k8s.metrics import SchedulerMetrics
 
@@ -107,7 +106,6 @@ class Extender:
         return self._scheduler
 
     def _count(self, result: str, verb: str = "filter") -> None:
-        self.metrics[result] = self.metrics.get(result, 0) + 1
         self.prometheus.attempts.labels(verb, result).inc()
 
     def refresh_gauges(self) -> None:
@@ -152,10 +150,9 @@ class Extender:
                 self._count("unschedulable")
                 reasons = {n: self.cluster.problems.get(n, "no flexai node in the cluster") for n in candidates}
                 return self._filter_result(args, [], reasons, {})
-            state = scheduler.state
-            feasible = scheduler.feasible(request)
-            masks = {f.name: f.feasible(state, request) for f in scheduler.filters}
-            never = not Scheduler(ClusterState(state.nodes), create_policy("bestfit")).feasible(request).any()
+            masks = scheduler.filter_masks(request)
+            feasible = np.logical_and.reduce(list(masks.values()))
+            never = not feasible.any() and not scheduler.ever_fits(request)
         passed, failed, unresolvable = [], {}, {}
         for name in candidates:
             i = self.cluster.index_of.get(name)

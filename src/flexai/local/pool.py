@@ -121,14 +121,14 @@ class Pool:
     # ------------------------------------------------------------------ engine
     def _profile(self) -> WorkloadProfile:
         """Shapes of the jobs this pool has seen (online statistics); a grid of slices until there are some."""
-        history = [self._request(j) for j in self.store.jobs()[-1000:] if j.state != "rejected"]
+        history = [self._request(j) for j in self.store.recent_jobs(1000) if j.state != "rejected"]
         if len(history) < 10:
             step = self.config.share_step_milli
             history += [Request(device_count=1, share_milli=s) for s in range(step, 1001, step)]
         return WorkloadProfile.from_requests(history, coverage=1.0)
 
     def _new_scheduler(self) -> Scheduler:
-        self._profile_jobs = len(self.store.jobs())
+        self._profile_jobs = self.store.job_count()
         policy = create_policy(self.config.policy, PolicyContext(profile=self._profile()))
         return Scheduler(self.state, policy)
 
@@ -167,7 +167,7 @@ class Pool:
             request = self._request(sub)
         except RequestError as exc:
             raise SubmitError(str(exc)) from None
-        if not Scheduler(ClusterState(self.state.nodes), create_policy("bestfit")).feasible(request).any():
+        if not self._scheduler.ever_fits(request):
             raise SubmitError(
                 f"count={sub.count} share={sub.share_milli}m memory={sub.memory_mib}MiB can never fit on this machine"
             )
@@ -211,7 +211,8 @@ class Pool:
         self.state.compact_journal()
 
     def _schedule(self) -> None:
-        if len(self.store.jobs()) - self._profile_jobs >= 50:
+        # Every tick: a COUNT, not a read of the whole job history.
+        if self.store.job_count() - self._profile_jobs >= 50:
             self._scheduler = self._new_scheduler()
         queued = sorted(self.store.jobs(("queued",)), key=lambda j: (-j.priority, j.seq))
         head_blocked: JobRecord | None = None

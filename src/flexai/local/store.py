@@ -186,6 +186,15 @@ class Store:
                 rows = self._db.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
         return [self._job(r) for r in rows]
 
+    def job_count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+
+    def recent_jobs(self, limit: int) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [self._job(r) for r in reversed(rows)]
+
     @staticmethod
     def _job(row: sqlite3.Row) -> JobRecord:
         data = dict(row)

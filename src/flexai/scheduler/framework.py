@@ -154,13 +154,26 @@ class Scheduler:
         # Ties go to the smallest priority: fold it into the low digits of the ranking key.
         self._tie_rank = (n - 1 - priority).astype(np.int64)
         self._key_scale = np.int64(n)
+        self._empty_state: ClusterState | None = None
         policy.bind_state(state)
 
-    def feasible(self, request: Request) -> np.ndarray:
-        mask = self.filters[0].feasible(self.state, request)
+    def filter_masks(self, request: Request, state: ClusterState | None = None) -> dict[str, np.ndarray]:
+        """Each filter's verdict per node (for reasons a user can act on)."""
+        state = state or self.state
+        return {f.name: f.feasible(state, request) for f in self.filters}
+
+    def feasible(self, request: Request, state: ClusterState | None = None) -> np.ndarray:
+        state = state or self.state
+        mask = self.filters[0].feasible(state, request)
         for f in self.filters[1:]:
-            mask = mask & f.feasible(self.state, request)
+            mask = mask & f.feasible(state, request)
         return mask
+
+    def ever_fits(self, request: Request) -> bool:
+        """Would the request fit somewhere if the cluster were empty? (False: waiting will never help.)"""
+        if self._empty_state is None:
+            self._empty_state = ClusterState(self.state.nodes)
+        return bool(self.feasible(request, self._empty_state).any())
 
     def explain(self, request: Request) -> str:
         """A reason a user can act on: how many nodes each filter rejected."""
