@@ -1,47 +1,58 @@
-"""Kubernetes resource quantities ("500m", "8Gi", "2", "1.5") in the units flexai counts."""
+"""Kubernetes resource quantities ("500m", "8Gi", "2", "1e3") in the units flexai counts."""
 
 from __future__ import annotations
 
+import math
+import re
 from decimal import Decimal, InvalidOperation
 
-_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DECIMAL = {
-    "n": Decimal("1e-9"),
-    "u": Decimal("1e-6"),
-    "m": Decimal("1e-3"),
-    "": Decimal(1),
-    "k": Decimal(10**3),
-    "M": Decimal(10**6),
-    "G": Decimal(10**9),
-    "T": Decimal(10**12),
-    "P": Decimal(10**15),
-    "E": Decimal(10**18),
-}
+_QUANTITY = re.compile(
+    r"^(?P<num>[+-]?(?:\d+(?:\.\d*)?|\.\d+))(?P<suffix>[eE][+-]?\d+|Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$"
+)
+_BINARY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50, "Ei": 1 << 60}
+_DECIMAL = {"n": -9, "u": -6, "m": -3, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
 
 
 class QuantityError(ValueError):
-    pass
+    """A value that is not a Kubernetes quantity."""
+
+
+def parse_quantity_with_suffix(value: object) -> tuple[Decimal, bool]:
+    """A Kubernetes quantity ("30", "8Gi", "500Mi", "1e3", "100m") as (number, has_byte_suffix).
+
+    ``has_byte_suffix`` is true for the binary and decimal SI suffixes (Ki..Ei, n..E), false for a plain
+    number or an exponent. Raises ``QuantityError`` for anything else (bools, lists, "8 GB", "")."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise QuantityError(f"{value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise QuantityError(f"{value!r}")
+    text = str(value).strip() if isinstance(value, str) else repr(value)
+    match = _QUANTITY.match(text)
+    if match is None:
+        raise QuantityError(text)
+    try:
+        number = Decimal(match["num"])
+    except InvalidOperation as exc:  # pragma: no cover - the regex admits only decimal numbers
+        raise QuantityError(text) from exc
+    suffix = match["suffix"] or ""
+    if suffix in _BINARY:
+        return number * _BINARY[suffix], True
+    if suffix in _DECIMAL:
+        return number.scaleb(_DECIMAL[suffix]), True
+    if suffix:
+        return number.scaleb(int(suffix[1:])), False
+    return number, False
 
 
 def parse_quantity(value: object, field: str = "quantity") -> Decimal:
-    """The quantity as a plain number (bytes for memory, cores for CPU, a count for extended resources)."""
-    text = str(value).strip()
-    for suffix, factor in _BINARY.items():
-        if text.endswith(suffix):
-            return _number(text[: -len(suffix)], field, value) * factor
-    for suffix in sorted(_DECIMAL, key=len, reverse=True):
-        if suffix and text.endswith(suffix):
-            return _number(text[: -len(suffix)], field, value) * _DECIMAL[suffix]
-    return _number(text, field, value)
-
-
-def _number(text: str, field: str, original: object) -> Decimal:
+    """A non-negative quantity as a plain number (bytes for memory, cores for CPU, a count otherwise);
+    the error names the field, the value and what is allowed."""
     try:
-        number = Decimal(text)
-    except InvalidOperation:
-        raise QuantityError(f"{field}={original!r} is not allowed: a Kubernetes quantity like 500m, 8Gi or 2") from None
-    if not number.is_finite() or number < 0:
-        raise QuantityError(f"{field}={original!r} is not allowed: a quantity of 0 or more")
+        number, _ = parse_quantity_with_suffix(value)
+    except QuantityError:
+        raise QuantityError(f"{field}={value!r} is not allowed: a Kubernetes quantity like 500m, 8Gi or 2") from None
+    if number < 0:
+        raise QuantityError(f"{field}={value!r} is not allowed: a quantity of 0 or more")
     return number
 
 

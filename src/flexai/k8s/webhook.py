@@ -49,10 +49,8 @@ from __future__ import annotations
 import base64
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -66,6 +64,10 @@ from flexai.k8s.names import (
     RESOURCE_VXPU,
     SCHEDULER_NAME,
 )
+
+# One quantity parser for all of flexai.k8s (re-exported here for the webhook's callers and tests).
+from flexai.k8s.quantity import QuantityError
+from flexai.k8s.quantity import parse_quantity_with_suffix as parse_quantity
 from flexai.model.units import FULL_SHARE_MILLI
 
 ANNOTATION_MEMORY_PERCENTAGE = f"{PREFIX}/vxpu-memory-percentage"
@@ -159,43 +161,6 @@ CONVENTIONS: tuple[Convention, ...] = (FLEXAI, HAMI, VOLCANO, HUAWEI)
 
 
 # ---------------------------------------------------------------------------------------------- quantities
-
-_QUANTITY = re.compile(
-    r"^(?P<num>[+-]?(?:\d+(?:\.\d*)?|\.\d+))(?P<suffix>[eE][+-]?\d+|Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$"
-)
-_BINARY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50, "Ei": 1 << 60}
-_DECIMAL = {"n": -9, "u": -6, "m": -3, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
-
-
-class QuantityError(ValueError):
-    """A value that is not a Kubernetes quantity."""
-
-
-def parse_quantity(value: object) -> tuple[Decimal, bool]:
-    """A Kubernetes quantity ("30", "8Gi", "500Mi", "1e3", "100m") as (number, has_byte_suffix).
-
-    ``has_byte_suffix`` is true for the binary and decimal SI suffixes (Ki..Ei, n..E), false for a plain
-    number or an exponent. Raises ``QuantityError`` for anything else (bools, lists, "8 GB", "")."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise QuantityError(f"{value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise QuantityError(f"{value!r}")
-    text = str(value).strip() if isinstance(value, str) else repr(value)
-    match = _QUANTITY.match(text)
-    if match is None:
-        raise QuantityError(text)
-    try:
-        number = Decimal(match["num"])
-    except InvalidOperation as exc:  # pragma: no cover - the regex admits only decimal numbers
-        raise QuantityError(text) from exc
-    suffix = match["suffix"] or ""
-    if suffix in _BINARY:
-        return number * _BINARY[suffix], True
-    if suffix in _DECIMAL:
-        return number.scaleb(_DECIMAL[suffix]), True
-    if suffix:
-        return number.scaleb(int(suffix[1:])), False
-    return number, False
 
 
 # ------------------------------------------------------------------------------------------------ analysis
