@@ -25,9 +25,13 @@ class FakeApiServer:
         self.pods: dict[str, dict] = {}
         self.leases: dict[str, dict] = {}
         self.events: list[dict] = []
+        self.bindings: list[dict] = []
         self.history: list[tuple[int, str, str, dict]] = []  # (rv, collection, type, object)
         self.faults: list[dict[str, Any]] = []
         self.bind_calls = 0
+        self.list_calls = 0
+        self.bind_delay_s = 0.0
+        """Seconds each pods/binding POST waits before answering (a slow API server)."""
         self.app = self._build()
         self.server: uvicorn.Server | None = None
         self.url = ""
@@ -104,12 +108,23 @@ class FakeApiServer:
                     )
                 )
             with server.lock:
+                server.list_calls += 1
                 items = list((server.nodes if name == "nodes" else server.pods).values())
                 selector = params.get("fieldSelector", "")
                 if selector.startswith("spec.nodeName="):
                     wanted = selector.split("=", 1)[1]
                     items = [i for i in items if (i.get("spec") or {}).get("nodeName") == wanted]
-                return {"kind": "List", "items": copy.deepcopy(items), "metadata": {"resourceVersion": str(server.rv)}}
+                # Pages: "continue" is the offset and the list's resourceVersion (one snapshot per list).
+                offset, version = 0, str(server.rv)
+                if params.get("continue"):
+                    start, version = params["continue"].split(":", 1)
+                    offset = int(start)
+                limit = int(params.get("limit") or 0) or len(items)
+                page = items[offset : offset + limit]
+                meta = {"resourceVersion": version}
+                if offset + limit < len(items):
+                    meta["continue"] = f"{offset + limit}:{version}"
+                return {"kind": "List", "items": copy.deepcopy(page), "metadata": meta}
 
         @app.get("/api/v1/nodes")
         def list_nodes(request: Request) -> Any:
@@ -158,15 +173,25 @@ class FakeApiServer:
 
         @app.post("/api/v1/namespaces/{ns}/pods/{name}/binding", status_code=201)
         def bind(ns: str, name: str, body: dict = Body(...)) -> dict:  # noqa: B008
+            if server.bind_delay_s:
+                time.sleep(server.bind_delay_s)  # the fake's own latency, not a test waiting
             with server.lock:
                 server.bind_calls += 1
                 pod = server.pods.get(f"{ns}/{name}")
                 if pod is None:
                     raise HTTPException(404, "not found")
+                uid = (body.get("metadata") or {}).get("uid")
+                if uid and uid != pod["metadata"].get("uid"):
+                    return JSONResponse({"kind": "Status", "code": 409, "message": "uid precondition failed"}, 409)
                 if pod.get("spec", {}).get("nodeName"):
                     return JSONResponse({"kind": "Status", "code": 409, "message": "pod is already assigned"}, 409)
+                # As the API server's setPodHostAndAnnotations: the Binding's annotations are merged into the pod.
+                annotations = (body.get("metadata") or {}).get("annotations") or {}
+                if annotations:
+                    pod["metadata"]["annotations"] = {**(pod["metadata"].get("annotations") or {}), **annotations}
                 pod.setdefault("spec", {})["nodeName"] = body["target"]["name"]
                 server._record("pods", "MODIFIED", pod)
+                server.bindings.append(copy.deepcopy(body))
                 return {"kind": "Status", "status": "Success"}
 
         @app.post("/api/v1/namespaces/{ns}/events", status_code=201)

@@ -229,26 +229,22 @@ def test_a_pending_pod_cannot_reserve_by_annotation_and_bad_annotations_are_igno
     assert "unreadable" in result["FailedAndUnresolvableNodes"]["n-odd"]
 
 
-def test_a_bind_in_flight_keeps_its_slices_through_a_rebuild() -> None:
+def test_a_bind_in_flight_keeps_its_slices_through_a_node_change() -> None:
     """A node event while a bind waits on the API server must not free the slices being bound."""
     cluster = cluster_of(node("n1", 1))
     first, second = pod("first", 1, 600), pod("second", 1, 600)
+    stored = {"first": first, "second": second}
     cluster.upsert_pod(first)
     cluster.upsert_pod(second)
 
     class SlowApi:
         def get_pod(self, namespace: str, name: str) -> dict:
-            return cluster.pods[f"uid-{name}"]
+            return stored[name]
 
-        def annotate_pod(self, namespace: str, name: str, annotations: dict) -> dict:
-            # Meanwhile the agent's inventory changes (a rebuild) and the other pod asks to be placed.
-            changed = node("n1", 1, memory_mib=40960)
-            cluster.upsert_node(changed)
+        def bind_pod(self, namespace: str, name: str, uid: str, node_name: str, annotations: dict | None) -> None:
+            # Meanwhile the agent's inventory changes and the other pod asks to be placed.
+            cluster.upsert_node(node("n1", 1, memory_mib=40960))
             verdict["second"] = extender.filter({"Pod": second, "NodeNames": ["n1"]})["NodeNames"]
-            return {}
-
-        def bind_pod(self, namespace: str, name: str, uid: str, node_name: str) -> None:
-            return None
 
         def create_event(self, *args: object, **kwargs: object) -> None:
             return None
@@ -262,11 +258,11 @@ def test_a_bind_in_flight_keeps_its_slices_through_a_rebuild() -> None:
     assert extender.filter({"Pod": second, "NodeNames": ["n1"]})["NodeNames"] == []
 
 
-def test_heartbeats_alone_do_not_rebuild_the_state() -> None:
+def test_heartbeats_alone_change_nothing_to_schedule_on() -> None:
     cluster = cluster_of(node("n1", 2))
     assert cluster.state is not None
-    version = cluster.version
+    version, layout = cluster.version, cluster.layout_version
     cluster.upsert_node(node("n1", 2))  # same inventory, newer heartbeat
-    assert cluster.state is not None and cluster.version == version
-    cluster.upsert_node(node("n1", 2, healthy=False))
-    assert cluster.state is None and cluster.version == version + 1
+    assert cluster.state is not None and (cluster.version, cluster.layout_version) == (version, layout)
+    cluster.upsert_node(node("n1", 2, healthy=False))  # no healthy device left: its row is vacated
+    assert cluster.state is None and cluster.version == version and cluster.layout_version == layout + 1

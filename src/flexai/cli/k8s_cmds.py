@@ -49,20 +49,40 @@ def agent(
     heartbeat: Annotated[float, typer.Option(help="Seconds between inventory heartbeats.")] = 30.0,
     socket_dir: Annotated[str, typer.Option(help="kubelet device-plugin folder.")] = "/var/lib/kubelet/device-plugins/",
     metrics_port: Annotated[int, typer.Option(help="Port of /metrics (0 = off).")] = 9400,
+    device_list_strategy: Annotated[
+        str,
+        typer.Option(
+            help="How NVIDIA containers get their GPUs: envvar (NVIDIA_VISIBLE_DEVICES, for the NVIDIA container "
+            "runtime) or cdi-annotations (cdi.k8s.io/ annotations, for a CDI-enabled runtime)."
+        ),
+    ] = "envvar",
     api_server: ApiServerOption = None,
     token_file: TokenOption = None,
     insecure: InsecureOption = False,
 ) -> None:
     """Node agent: inventory with heartbeat on the Node, kubelet device plugin for flexai.io/vxpu."""
     from flexai.k8s.agent import NodeAgent
+    from flexai.k8s.deviceplugin.plugin import DEVICE_LIST_STRATEGIES
     from flexai.node.devices import DiscoveryError, discover
 
+    if device_list_strategy not in DEVICE_LIST_STRATEGIES:
+        fail(
+            f"--device-list-strategy {device_list_strategy!r} is not allowed: use "
+            + " or ".join(DEVICE_LIST_STRATEGIES)
+        )
     try:
         backend, found = discover(devices)
     except (DiscoveryError, ValueError) as exc:
         fail(str(exc))
     node_agent = NodeAgent(
-        _client(api_server, token_file, insecure), node_name, backend, found, share_step, heartbeat, socket_dir
+        _client(api_server, token_file, insecure),
+        node_name,
+        backend,
+        found,
+        share_step,
+        heartbeat,
+        socket_dir,
+        device_list_strategy=device_list_strategy,
     )
     node_agent.start()
     if metrics_port:
@@ -112,6 +132,12 @@ def scheduler(
     policy: Annotated[str, typer.Option(help="Scoring policy.")] = "flex",
     leader_election: Annotated[bool, typer.Option(help="Bind only while holding the Lease.")] = True,
     metrics_port: Annotated[int, typer.Option(help="Port of /metrics on all addresses (0 = off).")] = 9401,
+    assume_ttl: Annotated[
+        float, typer.Option(help="Seconds the node chosen in prioritize stays held for the pod until its bind.")
+    ] = 30.0,
+    inventory_timeout: Annotated[
+        float, typer.Option(help="Seconds without an agent heartbeat before a node takes no new pods.")
+    ] = 120.0,
     api_server: ApiServerOption = None,
     token_file: TokenOption = None,
     insecure: InsecureOption = False,
@@ -122,8 +148,15 @@ def scheduler(
     from flexai.k8s.extender import create_extender_app
     from flexai.k8s.service import SchedulerService
 
+    if assume_ttl < 0 or inventory_timeout <= 0:
+        fail("--assume-ttl must be 0 or more and --inventory-timeout more than 0 (seconds)")
     service = SchedulerService(
-        _client(api_server, token_file, insecure), namespace, policy=policy, leader_election=leader_election
+        _client(api_server, token_file, insecure),
+        namespace,
+        policy=policy,
+        leader_election=leader_election,
+        assume_ttl_s=assume_ttl,
+        inventory_timeout_s=inventory_timeout,
     )
     service.start()
     if metrics_port:
@@ -158,9 +191,14 @@ def webhook(
     default_share: Annotated[int, typer.Option(help="Share in milli when a pod names none (0 = whole device).")] = 0,
     translate_bare_gpu: Annotated[bool, typer.Option(help="Also translate a bare nvidia.com/gpu request.")] = False,
 ) -> None:
-    """Admission webhook: translates HAMi/Volcano/Huawei requests, routes pods to flexai, refuses the impossible."""
+    """Admission webhook: translates HAMi/Volcano/Huawei requests, routes pods to flexai, refuses the impossible.
+
+    The TLS certificate is re-read when its files change (cert-manager renewals need no restart)."""
+    import ssl
+
     import uvicorn
 
+    from flexai.k8s.tls import ReloadingServerTLS, uvicorn_config
     from flexai.k8s.webhook import WebhookOptions, create_webhook_app
 
     if (tls_cert is None) != (tls_key is None):
@@ -171,11 +209,10 @@ def webhook(
         )
     except ValueError as exc:
         fail(str(exc))
-    uvicorn.run(
-        create_webhook_app(options),
-        host=host,
-        port=port,
-        ssl_certfile=str(tls_cert) if tls_cert else None,
-        ssl_keyfile=str(tls_key) if tls_key else None,
-        log_level="warning",
-    )
+    tls = None
+    if tls_cert is not None and tls_key is not None:
+        try:
+            tls = ReloadingServerTLS(tls_cert, tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            fail(f"--tls-cert {tls_cert} / --tls-key {tls_key}: cannot load them ({exc})")
+    uvicorn.Server(uvicorn_config(create_webhook_app(options), host, port, tls, log_level="warning")).run()

@@ -25,6 +25,7 @@ class NodeAgent:
         heartbeat_s: float = 30.0,
         socket_dir: str = DEVICE_PLUGIN_DIR,
         health_interval_s: float | None = 10.0,
+        device_list_strategy: str = "envvar",
     ) -> None:
         self.client = client
         self.node_name = node_name
@@ -40,6 +41,7 @@ class NodeAgent:
             socket_dir=socket_dir,
             node_name=node_name,
             health_interval_s=health_interval_s,
+            device_list_strategy=device_list_strategy,
         )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, name="flexai-agent-heartbeat", daemon=True)
@@ -67,14 +69,16 @@ class NodeAgent:
         return inventory
 
     def pending_placements(self) -> list[PendingPlacement]:
-        """Pods bound to this node with a flexai placement and not finished, oldest bind first."""
+        """Pods bound to this node with a flexai placement and not started (phase Pending), oldest bind first."""
         items, _ = self.client.list(f"/api/v1/pods?fieldSelector={quote('spec.nodeName=' + self.node_name)}")
         pending = []
         for pod in items:
             meta = pod.get("metadata", {})
             annotations = meta.get("annotations") or {}
             raw = annotations.get(names.ANNOTATION_PLACEMENT)
-            if not raw or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            # The kubelet allocates devices while admitting a pod, before it runs: a running pod's placement is
+            # never asked for again (and must not be matched by a new pod after an agent restart).
+            if not raw or (pod.get("status") or {}).get("phase") not in (None, "", "Pending"):
                 continue
             try:  # one pod's bad annotation must not break Allocate for the whole node
                 placement = names.Placement.from_json(raw)

@@ -50,9 +50,31 @@ class KubeClient:
         return response.json() if response.content else {}
 
     # ----------------------------------------------------------------- reads
-    def list(self, path: str) -> tuple[list[dict], str]:
-        body = self._call("GET", path)
-        return body.get("items", []), body.get("metadata", {}).get("resourceVersion", "")
+    def list(
+        self, path: str, limit: int = 0, transform: Callable[[dict], Any] | None = None
+    ) -> tuple[list[Any], str]:
+        """Every item of a collection and its resourceVersion; with ``limit``, page by page (``limit`` and
+        ``continue``), each page's items passed through ``transform`` before the next is read, so a large
+        collection is never held whole as raw objects."""
+        items: list[Any] = []
+        version = ""
+        token = ""
+        while True:
+            params: dict[str, str] = {}
+            if limit:
+                params["limit"] = str(limit)
+            if token:
+                params["continue"] = token
+            body = self._call("GET", path, params=params or None)
+            page = body.get("items") or []
+            if transform is not None:
+                page = [transform(i) for i in page]
+            items.extend(page)
+            meta = body.get("metadata") or {}
+            version = version or meta.get("resourceVersion", "")
+            token = meta.get("continue") or ""
+            if not token:
+                return items, version
 
     def watch(self, path: str, resource_version: str, timeout_s: int = 300) -> Iterator[dict]:
         """Watch events (type, object) from resource_version; raises ApiError(410) when it is too old."""
@@ -101,11 +123,20 @@ class KubeClient:
             headers={"Content-Type": "application/merge-patch+json"},
         )
 
-    def bind_pod(self, namespace: str, name: str, uid: str, node: str) -> None:
+    def bind_pod(
+        self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str] | None = None
+    ) -> None:
+        """POST pods/binding. ``annotations`` go in the Binding's metadata: the API server copies them onto the
+        pod as it binds it (so the binder needs no right to patch pods)."""
+        metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+        if uid:
+            metadata["uid"] = uid
+        if annotations:
+            metadata["annotations"] = dict(annotations)
         body = {
             "apiVersion": "v1",
             "kind": "Binding",
-            "metadata": {"name": name, "namespace": namespace, **({"uid": uid} if uid else {})},
+            "metadata": metadata,
             "target": {"apiVersion": "v1", "kind": "Node", "name": node},
         }
         self._call("POST", f"/api/v1/namespaces/{namespace}/pods/{name}/binding", json=body)
@@ -152,15 +183,21 @@ class Informer:
         self,
         client: KubeClient,
         path: str,
-        on_replace: Callable[[list[dict]], None],
-        on_event: Callable[[str, dict], None],
+        on_replace: Callable[[list[Any]], None],
+        on_event: Callable[[str, Any], None],
         retry_s: float = 1.0,
+        transform: Callable[[dict], Any] | None = None,
+        page_size: int = 500,
     ) -> None:
+        """``transform`` turns each object into what the callbacks get (as client-go's SetTransform), so the
+        cache holds only what it needs; lists are read ``page_size`` items at a time."""
         self.client = client
         self.path = path
         self.on_replace = on_replace
         self.on_event = on_event
         self.retry_s = retry_s
+        self.transform = transform
+        self.page_size = page_size
         self.resource_version = ""
         self.relists = 0
         self.synced = threading.Event()
@@ -174,7 +211,7 @@ class Informer:
         self._stop.set()
 
     def _relist(self) -> None:
-        items, self.resource_version = self.client.list(self.path)
+        items, self.resource_version = self.client.list(self.path, self.page_size, self.transform)
         self.relists += 1
         self.on_replace(items)
         self.synced.set()
@@ -190,7 +227,7 @@ class Informer:
                     obj = event.get("object", {})
                     if event["type"] != "BOOKMARK":
                         try:
-                            self.on_event(event["type"], obj)
+                            self.on_event(event["type"], self.transform(obj) if self.transform else obj)
                         except Exception:  # noqa: BLE001  (never skip an event silently: list again)
                             self.resource_version = ""
                             break

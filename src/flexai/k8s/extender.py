@@ -1,35 +1,62 @@
 """kube-scheduler extender: filter, prioritize and bind over HTTP in kube-scheduler's wire format.
 
-kube-scheduler (profile ``flexai-scheduler``) calls ``/filter`` with ExtenderArgs (``Pod`` plus ``Nodes``
-or ``NodeNames``) and expects ExtenderFilterResult (``Nodes``/``NodeNames``, ``FailedNodes``,
-``FailedAndUnresolvableNodes``, ``Error``); ``/prioritize`` answers a HostPriorityList (``Host``, ``Score``
-0..10); ``/bind`` gets ExtenderBindingArgs (``PodName``, ``PodNamespace``, ``PodUID``, ``Node``), chooses
-the devices with the engine, records them in the pod's ``flexai.io/placement`` annotation and binds through
-the pods/binding subresource, answering ExtenderBindingResult (``Error``).
+kube-scheduler (profile ``flexai-scheduler``, ``nodeCacheCapable: true``) calls ``/filter`` with ExtenderArgs
+(``pod`` and ``nodenames``; full ``nodes`` are accepted too) and expects ExtenderFilterResult (``NodeNames``,
+``FailedNodes``, ``FailedAndUnresolvableNodes``, ``Error``); ``/prioritize`` answers a HostPriorityList (``Host``,
+``Score`` 0..10); ``/bind`` gets ExtenderBindingArgs (``podName``, ``podNamespace``, ``podUID``, ``node``) and
+answers ExtenderBindingResult (``Error``). The node list kube-scheduler sends only says which nodes its own
+filters passed: what the nodes hold is the extender's own view (``KubeCluster``, from list+watch).
+
+**Assume, then bind.** kube-scheduler decides one pod at a time but binds in the background, so the next
+decision can come before the previous bind. ``prioritize`` therefore ranks the nodes, chooses the devices on
+the best one and holds them for the pod (an *assumed* hold, ``assume_ttl_s``, default 30 s), giving that node
+the only top score; filter and prioritize for the pods that follow see the hold. ``bind`` turns the assumption
+into the pod's placement when kube-scheduler binds to that node (and places afresh on another node, after
+dropping the assumption, if it chose another one); a failed bind drops it, and an assumption that no bind
+follows expires.
+
+**Bind** writes the placement (``flexai.io/placement``: the slices and their split per container) and
+``flexai.io/bound-at`` in the Binding's ``metadata.annotations``; the API server copies them onto the pod as
+it binds it, so the extender needs no right to patch pods.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
+from starlette.requests import Request as HttpRequest
 
 from flexai.k8s import names
-from flexai.k8s.cluster import KubeCluster, PodRequestError, pod_key, pod_request
+from flexai.k8s.cluster import (
+    ElasticState,
+    Hold,
+    KubeCluster,
+    PodDemand,
+    PodRequestError,
+    expand_models,
+    layout,
+    pod_demand,
+    pod_key,
+    slim_pod,
+)
 from flexai.model import Request
 from flexai.model.workload import WorkloadProfile
-from flexai.scheduler import PolicyContext, Scheduler, create_policy
+from flexai.scheduler import Policy, PolicyContext, Scheduler, create_policy
 
 MAX_EXTENDER_PRIORITY = 10
+DEFAULT_ASSUME_TTL_S = 30.0
 
 
 class KubeApi(Protocol):
     def get_pod(self, namespace: str, name: str) -> dict: ...
-    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str | None]) -> dict: ...
-    def bind_pod(self, namespace: str, name: str, uid: str, node: str) -> None: ...
+    def bind_pod(
+        self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str] | None = None
+    ) -> None: ...
     def create_event(self, pod: dict, reason: str, message: str, kind: str = "Warning") -> None: ...
 
 
@@ -57,6 +84,15 @@ def _candidates(args: dict[str, Any]) -> tuple[list[str], list[dict] | None]:
     return [n["metadata"]["name"] for n in items or []], items or []
 
 
+def rebind_keeping_cache(policy: Policy, state: ElasticState) -> None:
+    """Let the policy re-read its per-node tables after rows were rewritten, keeping its score cache: the
+    rewritten rows' versions moved, so only they are scored again."""
+    cache = getattr(policy, "cache", None)
+    policy.bind_state(state)
+    if cache is not None and getattr(policy, "cache", None) is not None and getattr(cache, "state", None) is state:
+        policy.cache = cache  # type: ignore[attr-defined]
+
+
 class Extender:
     def __init__(
         self,
@@ -66,6 +102,8 @@ class Extender:
         is_leader: Callable[[], bool] = lambda: True,
         bind_retries: int = 3,
         ready: Callable[[], bool] = lambda: True,
+        assume_ttl_s: float = DEFAULT_ASSUME_TTL_S,
+        per_device_metrics_limit: int = 4096,
     ) -> None:
         self.ready = ready
         self.cluster = cluster
@@ -73,9 +111,12 @@ class Extender:
         self.policy_name = policy
         self.is_leader = is_leader
         self.bind_retries = bind_retries
+        self.assume_ttl_s = assume_ttl_s
+        self.per_device_metrics_limit = per_device_metrics_limit
         self.lock = threading.RLock()
         self._scheduler: Scheduler | None = None
         self._scheduler_version = -1
+        self._layout_version = -1
         self.warned: set[str] = set()
         from flexai.k8s.metrics import SchedulerMetrics
 
@@ -83,14 +124,7 @@ class Extender:
 
     # ----------------------------------------------------------------- engine
     def _profile(self) -> WorkloadProfile:
-        requests = []
-        for pod in list(self.cluster.pods.values())[-2000:]:
-            try:
-                request = pod_request(pod)
-            except PodRequestError:
-                continue
-            if request is not None:
-                requests.append(request)
+        requests = list(self.cluster.recent)
         if len(requests) < 10:
             requests += [Request(device_count=1, share_milli=s) for s in range(100, 1001, 100)]
         return WorkloadProfile.from_requests(requests, coverage=1.0)
@@ -103,33 +137,51 @@ class Extender:
             policy = create_policy(self.policy_name, PolicyContext(profile=self._profile()))
             self._scheduler = Scheduler(state, policy)
             self._scheduler_version = self.cluster.version
+            self._layout_version = self.cluster.layout_version
+        elif self._layout_version != self.cluster.layout_version:
+            rebind_keeping_cache(self._scheduler.policy, state)
+            self._layout_version = self.cluster.layout_version
         return self._scheduler
 
     def _count(self, result: str, verb: str = "filter") -> None:
         self.prometheus.attempts.labels(verb, result).inc()
 
-    def refresh_gauges(self) -> None:
-        """Per-device slices and share, and pending pods, for /metrics."""
-        with self.lock:
-            state = self.cluster.state
-            pending = sum(
-                1
-                for p in self.cluster.pods.values()
-                if not (p.get("spec") or {}).get("nodeName")
-                and (p.get("spec") or {}).get("schedulerName") == names.SCHEDULER_NAME
-            )
-            self.prometheus.pending_pods.set(pending)
-            if state is None:
-                return
-            slices = np.zeros_like(state.free_share_milli)
-            for placement in state.grants.values():
-                for d in placement.device_indices:
-                    slices[placement.node_index, d] += 1
-            for i, flex_node in enumerate(self.cluster.flex_nodes):
-                for j, device in enumerate(flex_node.devices):
-                    used = 1000 - int(state.free_share_milli[i, j])
-                    self.prometheus.slices.labels(flex_node.name, str(device.index)).set(int(slices[i, j]))
-                    self.prometheus.share.labels(flex_node.name, str(device.index)).set(used / 1000)
+    # ----------------------------------------------------------------- masks
+    @staticmethod
+    def _memory_need(state: ElasticState, demand: PodDemand, rows: Any = slice(None)) -> np.ndarray | int:
+        if demand.memory_pct:
+            return state.capacity_device_memory_mib[rows] * demand.memory_pct // 100
+        return demand.memory_mib
+
+    def _device_fit(self, state: ElasticState, demand: PodDemand, rows: Any = slice(None), empty: bool = False):  # noqa: ANN202
+        """(rows, devices) mask: devices with the demand's share and memory free (of their capacity if empty)."""
+        share = state.capacity_share_milli if empty else state.free_share_milli
+        memory = state.capacity_device_memory_mib if empty else state.free_device_memory_mib
+        fits = share[rows] >= demand.share_milli
+        need = self._memory_need(state, demand, rows)
+        if demand.memory_pct or demand.memory_mib:
+            fits &= (memory[rows] >= need) | ~state.device_memory_known[rows, None]
+        return fits & state.device_present[rows]
+
+    def _masks(self, state: ElasticState, demand: PodDemand, empty: bool = False) -> dict[str, np.ndarray]:
+        cpu = state.capacity_cpu_milli if empty else state.free_cpu_milli
+        memory = state.capacity_host_memory_mib if empty else state.free_host_memory_mib
+        allowed = expand_models(demand.models, state.model_names)
+        if allowed is None:
+            model = state.device_count > 0
+        elif allowed:
+            model = state.model_mask(allowed)
+        else:
+            model = np.zeros(state.node_count, dtype=bool)
+        return {
+            "resources-fit": (cpu >= demand.cpu_milli) & (memory >= demand.host_memory_mib),
+            "device-model": model,
+            "device-fit": self._device_fit(state, demand, empty=empty).sum(axis=1) >= demand.count,
+        }
+
+    @staticmethod
+    def _demand(pod: dict) -> PodDemand | None:
+        return pod_demand(pod)
 
     # ----------------------------------------------------------------- filter
     def filter(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -138,36 +190,47 @@ class Extender:
         if not self.ready():
             return self._filter_result(args, [], {}, {}, error="flexai scheduler is still loading the cluster; retry")
         try:
-            request = pod_request(pod)
+            demand = self._demand(pod)
         except PodRequestError as exc:
             self._count("error")
             return self._filter_result(args, [], {}, {n: str(exc) for n in candidates}, error="")
-        if request is None:
+        if demand is None:
             return self._filter_result(args, candidates, {}, {})
+        cluster = self.cluster
         with self.lock:
-            scheduler = self.scheduler()
-            if scheduler is None:
+            cluster.forget(pod_key(pod), kinds=("assumed",))  # a new cycle: its own assumption must not block it
+            state = cluster.state
+            if state is None or self.scheduler() is None:
                 self._count("unschedulable")
-                reasons = {n: self.cluster.problems.get(n, "no flexai node in the cluster") for n in candidates}
+                reasons = {n: cluster.node_problem(n) or "no flexai node in the cluster" for n in candidates}
                 return self._filter_result(args, [], reasons, {})
-            masks = scheduler.filter_masks(request)
-            feasible = np.logical_and.reduce(list(masks.values()))
-            never = not feasible.any() and not scheduler.ever_fits(request)
-        passed, failed, unresolvable = [], {}, {}
-        for name in candidates:
-            i = self.cluster.index_of.get(name)
-            if i is None:
-                unresolvable[name] = self.cluster.problems.get(name, "not a flexai node")
-            elif feasible[i]:
-                passed.append(name)
-            else:
-                why = [reason for key, reason in _REASONS.items() if not masks[key][i]]
-                failed[name] = "flexai: " + ", ".join(why)
+            live = cluster.live
+            masks = self._masks(state, demand)
+            feasible = np.logical_and.reduce(list(masks.values())) & live
+            never = not feasible.any() and not self._ever_fits(state, demand, live)
+            rows = np.fromiter((cluster.index_of.get(n, -1) for n in candidates), dtype=np.int64, count=len(candidates))
+            known = rows >= 0
+            ok = np.zeros(len(candidates), dtype=bool)
+            ok[known] = feasible[rows[known]]
+            passed = [n for n, good in zip(candidates, ok.tolist(), strict=True) if good]
+            failed: dict[str, str] = {}
+            unresolvable: dict[str, str] = {}
+            reasons: dict[int, str] = {}
+            bits = {key: masks[key] for key in _REASONS}
+            for i in np.flatnonzero(~ok).tolist():
+                name, row = candidates[i], int(rows[i])
+                if row < 0 or not live[row]:
+                    unresolvable[name] = cluster.node_problem(name) or "not a flexai node"
+                    continue
+                code = sum(1 << k for k, key in enumerate(_REASONS) if not bits[key][row])
+                if code not in reasons:
+                    reasons[code] = "flexai: " + ", ".join(r for k, r in enumerate(_REASONS.values()) if code >> k & 1)
+                failed[name] = reasons[code]
         if never:
+            size = f"{demand.memory_pct} % of the device memory" if demand.memory_pct else f"{demand.memory_mib} MiB"
             message = (
-                f"pod asks for {request.device_count} x {request.share_milli}m share, "
-                f"{request.device_memory_mib} MiB device memory"
-                + (f" on {'|'.join(sorted(request.allowed_models))}" if request.allowed_models else "")
+                f"pod asks for {demand.count} x {demand.share_milli}m share, {size} device memory"
+                + (f" on {'|'.join(demand.models)}" if demand.models else "")
                 + ": no flexai node could ever hold it"
             )
             unresolvable.update({n: message for n in failed})
@@ -175,6 +238,10 @@ class Extender:
             self._warn_once(pod, "FlexaiUnschedulable", message)
         self._count("scheduled" if passed else "unschedulable")
         return self._filter_result(args, passed, failed, unresolvable)
+
+    def _ever_fits(self, state: ElasticState, demand: PodDemand, live: np.ndarray) -> bool:
+        """Would the pod fit on a live node if that node were empty? (False: waiting will never help.)"""
+        return bool((np.logical_and.reduce(list(self._masks(state, demand, empty=True).values())) & live).any())
 
     @staticmethod
     def _filter_result(
@@ -205,29 +272,84 @@ class Extender:
     def prioritize(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         pod = _field(args, "pod", "Pod") or {}
         candidates, _ = _candidates(args)
+        zeros = [{"Host": n, "Score": 0} for n in candidates]
         try:
-            request = pod_request(pod)
+            demand = self._demand(pod)
         except PodRequestError:
-            request = None
+            return zeros
+        if demand is None or not self.ready():
+            return zeros
+        cluster = self.cluster
+        key = pod_key(pod)
         with self.lock:
-            scheduler = self.scheduler() if request is not None else None
-            if scheduler is None or request is None:
-                return [{"Host": n, "Score": 0} for n in candidates]
-            feasible = scheduler.feasible(request)
-            raw = np.asarray(scheduler.policy.score(scheduler.state, request, feasible), dtype=float)
-        indices = [self.cluster.index_of.get(n) for n in candidates]
-        values = [raw[i] for i in indices if i is not None and feasible[i]]
-        low, high = (min(values), max(values)) if values else (0.0, 0.0)
+            cluster.forget(key, kinds=("assumed",))
+            state = cluster.state
+            scheduler = self.scheduler()
+            if state is None or scheduler is None:
+                return zeros
+            feasible = np.logical_and.reduce(list(self._masks(state, demand).values())) & cluster.live
+            rows = np.fromiter((cluster.index_of.get(n, -1) for n in candidates), dtype=np.int64, count=len(candidates))
+            known = rows >= 0
+            consider = np.zeros(state.node_count, dtype=bool)
+            consider[rows[known]] = True
+            consider &= feasible
+            if not consider.any():
+                return zeros
+            raw = np.asarray(scheduler.policy.score(state, demand.engine_request(key), consider), dtype=float)
+            index = np.flatnonzero(consider)
+            n = state.node_count
+            rank = raw[index] * n + (n - 1 - index)  # ties to the lowest row, as the engine does
+            best = int(index[int(np.argmax(rank))])
+            if self.assume_ttl_s > 0:
+                hold = self._plan(scheduler, state, demand, best, key, "assumed")
+                if hold is not None:
+                    hold.deadline = cluster.clock() + self.assume_ttl_s
+                    cluster.hold(key, hold)
+        values = raw[index]
+        low, high = float(values.min()), float(values.max())
         out = []
-        for name, i in zip(candidates, indices, strict=True):
-            if i is None or not feasible[i]:
+        for name, row in zip(candidates, rows.tolist(), strict=True):
+            if row < 0 or not consider[row]:
                 score = 0
-            elif high == low:
+            elif row == best:
                 score = MAX_EXTENDER_PRIORITY
-            else:
-                score = int(round(MAX_EXTENDER_PRIORITY * (raw[i] - low) / (high - low)))
+            elif high == low:
+                score = MAX_EXTENDER_PRIORITY - 1
+            else:  # the others share 0..9: the node held for the pod is the only top score
+                score = int(round((MAX_EXTENDER_PRIORITY - 1) * (raw[row] - low) / (high - low)))
             out.append({"Host": name, "Score": score})
         return out
+
+    def _plan(
+        self, scheduler: Scheduler, state: ElasticState, demand: PodDemand, row: int, key: str, kind: str
+    ) -> Hold | None:
+        """The devices the pod gets on ``row`` and its placement, as a hold (None when it does not fit)."""
+        fits = self._device_fit(state, demand, row)
+        devices: list[int] | None = None
+        if demand.engine_exact:
+            chosen = [int(d) for d in scheduler.policy.select_devices(state, demand.engine_request(key), row)]
+            if len(set(chosen)) == demand.count and all(fits[d] for d in chosen):
+                devices = chosen
+        if devices is None:  # tightest fit: the fitting devices with the least free share first
+            columns = np.flatnonzero(fits)
+            order = np.lexsort((columns, state.free_share_milli[row, columns]))
+            devices = [int(c) for c in columns[order][: demand.count]]
+        if len(devices) < demand.count:
+            return None
+        flex = self.cluster.flex_nodes[row]
+        assert flex is not None
+        memory = demand.memory_mib
+        if demand.memory_pct:
+            memory = int(state.capacity_device_memory_mib[row, devices[0]]) * demand.memory_pct // 100
+        ordered, containers = layout(demand, [flex.devices[d].uuid for d in devices])
+        slices = tuple(
+            names.SliceGrant(flex.devices[flex.by_uuid[u]].index, u, demand.share_milli, memory) for u in ordered
+        )
+        placement = names.Placement(flex.name, slices, containers)
+        return Hold(
+            kind, flex.name, ordered, demand.share_milli, memory, demand.cpu_milli, demand.host_memory_mib,
+            placement=placement,
+        )  # fmt: skip
 
     # ----------------------------------------------------------------- bind
     def bind(self, args: dict[str, Any]) -> dict[str, str]:
@@ -241,77 +363,63 @@ class Extender:
             return {"Error": "this flexai scheduler replica is not the leader; retry"}
         if self.api is None:
             return {"Error": "no API server connection"}
-        try:
-            pod = self.api.get_pod(namespace, name)
-        except ApiError as exc:
-            self._count("error")
-            return {"Error": f"cannot read pod {namespace}/{name}: {exc}"}
-        if uid and pod.get("metadata", {}).get("uid") not in (None, uid):
-            return {"Error": f"pod {namespace}/{name} has uid {pod['metadata'].get('uid')}, not {uid}"}
-        try:
-            request = pod_request(pod)
-        except PodRequestError as exc:
-            return {"Error": str(exc)}
-        annotations: dict[str, str] = {}
-        key = pod_key(pod)
+        cluster = self.cluster
+        key = uid or f"{namespace}/{name}"
         with self.lock:
-            scheduler = self.scheduler()
-            if request is not None:
-                if scheduler is None or node not in self.cluster.index_of:
-                    return {"Error": f"node {node} is not a flexai node: {self.cluster.problems.get(node, 'unknown')}"}
-                index = self.cluster.index_of[node]
-                state = scheduler.state
-                state.unreserve(key)  # a retried bind must not hold two placements
-                if not scheduler.feasible(request)[index]:
-                    self._count("unschedulable")
-                    return {"Error": f"pod {namespace}/{name} no longer fits on {node}"}
-                devices = scheduler.policy.select_devices(state, request, index)
-                from flexai.model import Placement
-
-                placement = Placement.for_request(request, index, devices)
-                state.reserve(key, placement)
-                self.cluster.in_flight[key] = (node, placement)
-                flex_node = self.cluster.flex_nodes[index]
-                grant = names.Placement(
-                    node=node,
-                    slices=tuple(
-                        names.SliceGrant(
-                            flex_node.devices[d].index,
-                            flex_node.devices[d].uuid,
-                            request.share_milli,
-                            request.device_memory_mib,
-                        )
-                        for d in devices
-                    ),
-                )
-                annotations[names.ANNOTATION_PLACEMENT] = grant.to_json()
-                annotations[names.ANNOTATION_BOUND_AT] = f"{time.time():.6f}"
-        error = self._annotate_and_bind(namespace, name, uid, node, annotations)
-        with self.lock:
-            if error:
-                if self.cluster.state is not None:
-                    self.cluster.state.unreserve(key)
+            record = cluster.pods.get(key)
+        if record is None or record.name != name or record.namespace != namespace:
+            try:
+                pod = self.api.get_pod(namespace, name)
+            except ApiError as exc:
                 self._count("error", "bind")
-                return {"Error": error}
-            bound = dict(pod)
-            bound.setdefault("metadata", {}).setdefault("annotations", {})
-            bound["metadata"] = {
-                **bound["metadata"],
-                "annotations": {**bound["metadata"]["annotations"], **annotations},
-            }
-            bound["spec"] = {**(bound.get("spec") or {}), "nodeName": node}
-            self.cluster.pods[key] = bound
+                return {"Error": f"cannot read pod {namespace}/{name}: {exc}"}
+            if uid and pod.get("metadata", {}).get("uid") not in (None, uid):
+                return {"Error": f"pod {namespace}/{name} has uid {pod['metadata'].get('uid')}, not {uid}"}
+            record = slim_pod(pod)
+            key = record.key
+        if record.error:
+            return {"Error": record.error}
+        demand = record.demand
+        annotations: dict[str, str] = {}
+        with self.lock:
+            if demand is not None:
+                state = cluster.state
+                scheduler = self.scheduler()
+                row = cluster.index_of.get(node)
+                if state is None or scheduler is None or row is None:
+                    return {"Error": f"node {node} is not a flexai node: {cluster.node_problem(node) or 'unknown'}"}
+                hold = cluster.holds.get(key)
+                if hold is not None and hold.kind == "assumed" and hold.node == node and cluster.applied(key):
+                    cluster.promote(key)
+                else:
+                    cluster.forget(key)  # assumed elsewhere, or a retried bind: never two holds
+                    problem = cluster.node_problem(node)
+                    masks = self._masks(state, demand)
+                    hold = None
+                    if not problem and all(m[row] for m in masks.values()):
+                        hold = self._plan(scheduler, state, demand, row, key, "binding")
+                    if hold is None or not cluster.hold(key, hold):
+                        self._count("unschedulable", "bind")
+                        why = f": {problem}" if problem else ""
+                        return {"Error": f"pod {namespace}/{name} no longer fits on {node}{why}"}
+                assert hold.placement is not None
+                annotations[names.ANNOTATION_PLACEMENT] = hold.placement.to_json()
+                annotations[names.ANNOTATION_BOUND_AT] = f"{time.time():.6f}"
+        error = self._bind(namespace, name, uid, node, annotations)
+        if error:
+            with self.lock:
+                cluster.forget(key, kinds=("binding",))
+            self._count("error", "bind")
+            return {"Error": error}
         self._count("scheduled", "bind")
         return {"Error": ""}
 
-    def _annotate_and_bind(self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str]) -> str:
+    def _bind(self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str]) -> str:
         assert self.api is not None
         last = ""
         for _ in range(self.bind_retries):
             try:
-                if annotations:
-                    self.api.annotate_pod(namespace, name, annotations)
-                self.api.bind_pod(namespace, name, uid, node)
+                self.api.bind_pod(namespace, name, uid, node, annotations or None)
                 return ""
             except ApiError as exc:
                 last = str(exc)
@@ -331,6 +439,40 @@ class Extender:
                     return f"cannot bind pod {namespace}/{name}: {last}"
         return f"cannot bind pod {namespace}/{name} after {self.bind_retries} tries: {last}"
 
+    # ----------------------------------------------------------------- metrics
+    def refresh_gauges(self) -> None:
+        """Pending pods, and slices and share per device (per device only up to ``per_device_metrics_limit``
+        devices: beyond that the cluster-wide ratio alone, to keep the series few)."""
+        cluster = self.cluster
+        with self.lock:
+            records = list(cluster.pods.values())
+            state = cluster.state
+            if state is not None:
+                free = state.free_share_milli.copy()
+                capacity = state.capacity_share_milli.copy()
+                grants = list(state.grants.values())
+                flex_nodes = list(cluster.flex_nodes)
+        pending = sum(1 for r in records if not r.node and r.scheduler == names.SCHEDULER_NAME and not r.finished)
+        self.prometheus.pending_pods.set(pending)
+        if state is None:
+            return
+        total = int(capacity.sum())
+        self.prometheus.cluster_share.set((total - int(free.sum())) / total if total else 0.0)
+        devices = sum(len(f.devices) for f in flex_nodes if f is not None)
+        if devices > self.per_device_metrics_limit:
+            return
+        slices = np.zeros_like(free)
+        for placement in grants:
+            for d in placement.device_indices:
+                slices[placement.node_index, d] += 1
+        for i, flex_node in enumerate(flex_nodes):
+            if flex_node is None:
+                continue
+            for j, device in enumerate(flex_node.devices):
+                used = 1000 - int(free[i, j])
+                self.prometheus.slices.labels(flex_node.name, str(device.index)).set(int(slices[i, j]))
+                self.prometheus.share.labels(flex_node.name, str(device.index)).set(used / 1000)
+
 
 _REASONS = {
     "resources-fit": "not enough free CPU or memory",
@@ -339,33 +481,59 @@ _REASONS = {
 }
 
 
-def create_extender_app(extender: Extender):  # noqa: ANN201
-    from fastapi import Body, FastAPI
-
-    app = FastAPI(title="flexai scheduler extender")
-
+def _json(data: Any) -> Any:
     from fastapi.responses import Response
+
+    return Response(json.dumps(data, separators=(",", ":")).encode(), media_type="application/json")
+
+
+def create_extender_app(extender: Extender):  # noqa: ANN201
+    from fastapi import FastAPI
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse, Response
 
     from flexai.k8s.metrics import CONTENT_TYPE_LATEST, generate_latest
 
+    app = FastAPI(title="flexai scheduler extender")
     latency = extender.prometheus.latency
 
-    # Plain (not async) handlers: FastAPI runs them in its thread pool, so a slow API server during bind
-    # does not stall the other verbs.
+    async def body_of(request: HttpRequest) -> dict[str, Any] | None:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return body if isinstance(body, dict) else None
+
+    def bad() -> Any:
+        return JSONResponse({"detail": "body: not a JSON object (allowed: kube-scheduler's ExtenderArgs)"}, 400)
+
+    # filter and prioritize are short and CPU-bound under one lock: they run on the event loop (no thread
+    # hand-off per call); bind waits on the API server, so it runs in the thread pool.
     @app.post("/filter")
-    def filter_(body: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+    async def filter_(request: HttpRequest) -> Any:
+        body = await body_of(request)
+        if body is None:
+            return bad()
         with latency.labels("filter").time():
-            return extender.filter(body)
+            return _json(extender.filter(body))
 
     @app.post("/prioritize")
-    def prioritize(body: dict[str, Any] = Body(...)) -> list[dict[str, Any]]:  # noqa: B008
+    async def prioritize(request: HttpRequest) -> Any:
+        body = await body_of(request)
+        if body is None:
+            return bad()
         with latency.labels("prioritize").time():
-            return extender.prioritize(body)
+            return _json(extender.prioritize(body))
 
     @app.post("/bind")
-    def bind(body: dict[str, Any] = Body(...)) -> dict[str, str]:  # noqa: B008
-        with latency.labels("bind").time():
-            return extender.bind(body)
+    async def bind(request: HttpRequest) -> Any:
+        body = await body_of(request)
+        if body is None:
+            return bad()
+        start = time.perf_counter()
+        result = await run_in_threadpool(extender.bind, body)
+        latency.labels("bind").observe(time.perf_counter() - start)
+        return _json(result)
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -36,6 +36,11 @@ class SchedulerMetrics:
             ["node", "device"],
             registry=self.registry,
         )
+        self.cluster_share = Gauge(
+            "flexai_cluster_share_allocated_ratio",
+            "Compute share granted over all devices of live and silent flexai nodes (1 = every device).",
+            registry=self.registry,
+        )
 
 
 class AgentMetrics:

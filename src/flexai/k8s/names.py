@@ -10,7 +10,8 @@ A pod asks for slices with three extended resources in its container limits (or 
 Only ``flexai.io/vxpu`` is advertised by nodes; share and memory are managed by the extender (and marked
 ``ignoredByScheduler`` in the KubeSchedulerConfiguration). ``flexai.io/model`` (annotation) limits the
 device models, ``|``-separated. The extender records its decision in ``flexai.io/placement`` (JSON, see
-``Placement`` below) before binding; the device plugin's Allocate answers from it.
+``Placement`` below) in the pod's Binding (the API server copies the Binding's annotations onto the pod as it
+binds it); the device plugin's Allocate answers from it, container by container.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ ANNOTATION_INVENTORY = f"{PREFIX}/inventory"
 """On a Node: the agent's device inventory and heartbeat (JSON, see ``Inventory``)."""
 ANNOTATION_TRANSLATED = f"{PREFIX}/translated-from"
 """On a Pod: which user convention the webhook translated (hami, volcano, huawei)."""
+ANNOTATION_MEMORY_PERCENTAGE = f"{PREFIX}/vxpu-memory-percentage"
+"""On a Pod: memory per device as a percent of the device's memory, per container (JSON ``{"<container>": 25}``);
+the webhook writes it when it cannot resolve a percentage to MiB, the extender resolves it per node."""
 SCHEDULER_NAME = "flexai-scheduler"
 DEVICE_PLUGIN_SOCKET = "flexai.sock"
 """File name of the agent's device-plugin socket under /var/lib/kubelet/device-plugins/."""
@@ -90,14 +94,39 @@ class SliceGrant:
 
 
 @dataclass(frozen=True)
+class ContainerGrant:
+    """Which of the pod's slices one container gets (indices into ``Placement.slices``).
+
+    The kubelet calls Allocate once per container, init containers first, each in spec order; the list of
+    ``Placement.containers`` is in that order. Init containers reuse the slices of the app containers (the
+    kubelet hands their devices on to the app containers), so their indices overlap the app containers'."""
+
+    name: str
+    slices: tuple[int, ...]
+    init: bool = False
+
+
+@dataclass(frozen=True)
 class Placement:
-    """The extender's decision for one pod (annotation ``flexai.io/placement``)."""
+    """The extender's decision for one pod (annotation ``flexai.io/placement``).
+
+    ``slices`` is what the pod holds on the node (one per device); ``containers`` splits them per container.
+    A placement without ``containers`` (written by an older extender) gives every slice to one container."""
 
     node: str
     slices: tuple[SliceGrant, ...] = field(default_factory=tuple)
+    containers: tuple[ContainerGrant, ...] = field(default_factory=tuple)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        if not self.containers:
+            del data["containers"]
+        return json.dumps(data, sort_keys=True)
+
+    def per_container(self) -> list[tuple[ContainerGrant, tuple[SliceGrant, ...]]]:
+        """Each container's grant with its slices, in the order the kubelet allocates them."""
+        containers = self.containers or (ContainerGrant("", tuple(range(len(self.slices)))),)
+        return [(c, tuple(self.slices[i] for i in c.slices)) for c in containers]
 
     @classmethod
     def from_json(cls, text: str) -> Placement:
@@ -105,13 +134,24 @@ class Placement:
         data = json.loads(text)
         if not isinstance(data, dict) or not isinstance(data.get("slices", []), list):
             raise ValueError("placement must be an object with a node and a list of slices")
+        if not isinstance(data.get("containers", []), list):
+            raise ValueError("placement.containers must be a list")
         try:
-            return cls(
-                node=str(data["node"]),
-                slices=tuple(
-                    SliceGrant(int(s["device"]), str(s["uuid"]), int(s["share_milli"]), int(s["memory_mib"]))
-                    for s in data.get("slices", [])
-                ),
+            slices = tuple(
+                SliceGrant(int(s["device"]), str(s["uuid"]), int(s["share_milli"]), int(s["memory_mib"]))
+                for s in data.get("slices", [])
+            )
+            containers = tuple(
+                ContainerGrant(str(c["name"]), tuple(int(i) for i in c["slices"]), bool(c.get("init", False)))
+                for c in data.get("containers", [])
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"placement is malformed: {exc!r}") from None
+        for c in containers:
+            if any(not 0 <= i < len(slices) for i in c.slices):
+                raise ValueError(f"placement is malformed: container {c.name!r} names a slice that does not exist")
+        return cls(node=str(data["node"]) if "node" in data else _missing("node"), slices=slices, containers=containers)
+
+
+def _missing(key: str) -> str:
+    raise ValueError(f"placement is malformed: no {key!r}")

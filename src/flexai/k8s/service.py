@@ -8,8 +8,23 @@ import threading
 
 from flexai.k8s import names
 from flexai.k8s.apiclient import Informer, KubeClient, LeaderElector
-from flexai.k8s.cluster import KubeCluster, pod_key
-from flexai.k8s.extender import Extender
+from flexai.k8s.cluster import KubeCluster, PodRecord, slim_pod
+from flexai.k8s.extender import DEFAULT_ASSUME_TTL_S, Extender
+
+
+def _slim_node(node: dict) -> dict:
+    """Only what the view reads of a Node: its name, the inventory annotation and allocatable."""
+    meta = node.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    inventory = annotations.get(names.ANNOTATION_INVENTORY)
+    return {
+        "metadata": {
+            "name": meta.get("name", ""),
+            "resourceVersion": meta.get("resourceVersion", ""),
+            "annotations": {names.ANNOTATION_INVENTORY: inventory} if inventory is not None else {},
+        },
+        "status": {"allocatable": (node.get("status") or {}).get("allocatable") or {}},
+    }
 
 
 class SchedulerService:
@@ -22,23 +37,25 @@ class SchedulerService:
         inventory_timeout_s: float = 120.0,
         lease_s: int = 15,
         leader_election: bool = True,
+        assume_ttl_s: float = DEFAULT_ASSUME_TTL_S,
     ) -> None:
         self.client = client
         self.cluster = KubeCluster(inventory_timeout_s)
         self.elector = LeaderElector(client, namespace, names.LEASE_NAME, identity or socket.gethostname(), lease_s)
         self.leader_election = leader_election
         self.extender = Extender(
-            self.cluster, client, policy, is_leader=self.elector.is_leader if leader_election else (lambda: True)
+            self.cluster,
+            client,
+            policy,
+            is_leader=self.elector.is_leader if leader_election else (lambda: True),
+            assume_ttl_s=assume_ttl_s,
         )
         lock = self.extender.lock
         cluster = self.cluster
 
         def replace_nodes(items: list[dict]) -> None:
             with lock:
-                for name in list(cluster.nodes):
-                    cluster.delete_node(name)
-                for node in items:
-                    cluster.upsert_node(node)
+                cluster.replace_nodes(items)
 
         def node_event(kind: str, node: dict) -> None:
             with lock:
@@ -47,22 +64,21 @@ class SchedulerService:
                 else:
                     cluster.upsert_node(node)
 
-        def replace_pods(items: list[dict]) -> None:
+        def replace_pods(items: list[PodRecord]) -> None:
             with lock:
-                for key in list(cluster.pods):
-                    cluster.delete_pod(key)
-                for pod in items:
-                    cluster.upsert_pod(pod)
+                cluster.replace_pods(items)
 
-        def pod_event(kind: str, pod: dict) -> None:
+        def pod_event(kind: str, pod: PodRecord) -> None:
             with lock:
                 if kind == "DELETED":
-                    cluster.delete_pod(pod_key(pod))
+                    cluster.delete_pod(pod.key)
                 else:
                     cluster.upsert_pod(pod)
 
-        self.node_informer = Informer(client, "/api/v1/nodes", replace_nodes, node_event)
-        self.pod_informer = Informer(client, "/api/v1/pods", replace_pods, pod_event)
+        # Pods and Nodes are cut down to what the view reads as they arrive: 150,000 pods fit in the extender's
+        # memory limit (docs/kubernetes.md).
+        self.node_informer = Informer(client, "/api/v1/nodes", replace_nodes, node_event, transform=_slim_node)
+        self.pod_informer = Informer(client, "/api/v1/pods", replace_pods, pod_event, transform=slim_pod)
         # Until both lists are in, every device would look free: answer "retry" instead of deciding.
         self.extender.ready = lambda: self.node_informer.synced.is_set() and self.pod_informer.synced.is_set()
         self._stop = threading.Event()

@@ -5,35 +5,45 @@
 ``flexai.io/vxpu: N`` (N devices); the kubelet hands it N slots, so the kubelet's own accounting never lets
 more slices onto a device than it has steps.
 
-**Placements.** The scheduler extender writes its decision on the pod (``flexai.io/placement``, see
-``names.Placement``) before binding. The kubelet's AllocateRequest carries only the slot IDs it chose, so
-``Allocate`` finds the pod by those devices. The plugin asks ``placement_lookup()`` for the pods bound to this
-node that carry a placement and have not started yet (``PendingPlacement``: pod, uid, placement; the node
-agent lists them from the API server, in bind order), and applies this **matching rule** to each container
-request:
+**Placements.** The scheduler extender records its decision on the pod (``flexai.io/placement``, see
+``names.Placement``: the pod's slices, one per device, and their split per container) when it binds it. The
+kubelet calls Allocate once per container that asks for ``flexai.io/vxpu`` (init containers first, then the
+app containers, each in spec order, one pod at a time), and the AllocateRequest carries only the slot IDs it
+chose, so ``Allocate`` finds the pod and the container by those devices. The plugin asks ``placement_lookup()``
+for the pods bound to this node that carry a placement and have not started yet (``PendingPlacement``: pod,
+uid, placement; the node agent lists them from the API server, in bind order), remembers how many of each
+pod's containers it has allocated, and applies this **matching rule** to each container request:
 
 1. every requested ID must be a slot this plugin advertises (else INVALID_ARGUMENT);
-2. a placement matches when it is for this node (when ``node_name`` is given), has one slice per requested
-   slot, and its slices' device UUIDs are exactly the UUIDs of the requested slots (one slot per device);
-3. among the matching placements not yet allocated by this plugin, the first one the lookup returned wins
-   (the lookup lists pods oldest bind first, so two pods placed on the same devices are served in the
-   order they were bound, as HAMi does); the winner is remembered as allocated, with its slot IDs;
-4. a placement already allocated with exactly the same slot IDs is answered again (the kubelet repeats an
-   Allocate it did not record, e.g. after its own restart);
-5. anything else is refused with FAILED_PRECONDITION ``no flexai placement for devices ...``.
+2. the next container of a pod whose allocation is under way, when the requested slots are exactly one on
+   each of that container's devices;
+3. else the first container of a pod not started yet, same condition, the first pod in bind order winning
+   (two pods placed on the same devices are served in the order they were bound, as HAMi does);
+4. else a container already allocated with exactly the same slot IDs is answered again (the kubelet repeats
+   an Allocate it did not record, e.g. after its own restart);
+5. else the next container of a pod under way when the slots are as many as that container's slices and all
+   on the pod's devices (the kubelet hands an init container's devices on to the containers after it in
+   its own order);
+6. anything else is refused with FAILED_PRECONDITION ``no flexai placement for devices ...``.
 
 Two pods placed on the same devices with different shares can be swapped if the kubelet admits them out of
 bind order; the extender should avoid binding two such pods at once on one node.
 
-``GetPreferredAllocation`` steers the kubelet to those devices: it prefers one slot on each device of a
-pending placement with as many slices as the kubelet asks slots (and including every slot it must
-include); else it packs, taking slots from the devices with the most slots already in use (fewest distinct
-devices).
+``GetPreferredAllocation`` steers the kubelet to those devices: for the container that rule 2 or 3 would
+match next (the slots it must include on that container's devices) it prefers one slot on each of the
+container's devices; else it packs, taking slots from the devices with the most slots already in use
+(fewest distinct devices).
 
-**Allocate's answer**: ``envs`` = ``slice_environment(backend, job_id, slices)`` with job id = the pod's
-``namespace/name`` (its uid when the name is empty) and the placement's slices in their order, each slice's
-``device`` index read from this node's device list by UUID (UUIDs are stable, indices may move); plus the
-mounts and device nodes of ``AllocateExtras`` (none by default; ``nvidia_extras()`` adds ``/dev/nvidia*``).
+**Allocate's answer** for one container: ``envs`` = ``slice_environment(backend, job_id, slices)`` with job id
+= the pod's ``namespace/name`` (its uid when the name is empty) and the container's slices in their order,
+each slice's ``device`` index read from this node's device list by UUID (UUIDs are stable, indices may move);
+plus the mounts and device nodes of ``AllocateExtras`` (none by default; ``nvidia_extras()`` adds
+``/dev/nvidia*``). On NVIDIA devices the container runtime is told which GPUs to give the container by the
+**device-list strategy**, as NVIDIA's own device plugin does: ``envvar`` (default) sets
+``NVIDIA_VISIBLE_DEVICES=<uuid>,...`` for the NVIDIA container runtime; ``cdi-annotations`` sets the
+annotation ``cdi.k8s.io/flexai_<id>`` (``<id>``: the pod's uid and the container's number) to
+``nvidia.com/gpu=<uuid>,...`` for a CDI-enabled runtime (the CDI spec from ``nvidia-ctk cdi generate``).
+``CUDA_VISIBLE_DEVICES`` names the same UUIDs in both.
 
 **Lifecycle.** ``start()`` serves ``<socket_dir>/flexai.sock``, registers at ``<socket_dir>/kubelet.sock``
 and starts a watcher thread that polls the kubelet socket's identity (device, inode, ctime) every
@@ -75,7 +85,13 @@ SLOT_SEPARATOR = "::"
 MAX_DEVICE_ID_CHARS = 63
 """The kubelet's limit on a device ID's length."""
 MAX_REMEMBERED_ALLOCATIONS = 4096
-"""Allocated placements the plugin remembers (oldest forgotten first); far more pods than a node starts at once."""
+"""Allocated containers the plugin remembers (oldest forgotten first); far more than a node starts at once."""
+DEVICE_LIST_STRATEGIES = ("envvar", "cdi-annotations")
+"""How the NVIDIA container runtime learns a container's GPUs (the names of NVIDIA's device plugin)."""
+CDI_ANNOTATION_PREFIX = "cdi.k8s.io/"
+CDI_PLUGIN_NAME = "flexai"
+CDI_KIND = "nvidia.com/gpu"
+"""The CDI device kind of NVIDIA GPUs (``nvidia-ctk cdi generate`` names each GPU by its UUID in it)."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,15 @@ def nvidia_extras() -> AllocateExtras:
     return AllocateExtras(device_nodes=fixed, per_device=per_device)
 
 
+def cdi_annotation_key(match: PendingPlacement, number: int) -> str:
+    """``cdi.k8s.io/flexai_<id>``: the id names the pod (uid, else name) and the container, within CDI's limit of
+    63 characters of letters, digits, ``_``, ``-`` and ``.`` after the prefix (alphanumeric at both ends)."""
+    base = "".join(c if c.isalnum() or c in "-." else "-" for c in (match.uid or match.pod))
+    suffix = f"-{number}"
+    name = f"{CDI_PLUGIN_NAME}_{base}"[: 63 - len(suffix)].rstrip("-._") + suffix
+    return CDI_ANNOTATION_PREFIX + name
+
+
 def slot_id(uuid: str, slot: int) -> str:
     return f"{uuid}{SLOT_SEPARATOR}{slot}"
 
@@ -177,7 +202,14 @@ class DevicePluginServer(api_pb2_grpc.DevicePluginServicer):
         register_timeout_s: float = 5.0,
         register_retry_s: float = 5.0,
         max_workers: int = 8,
+        device_list_strategy: str = "envvar",
     ) -> None:
+        if device_list_strategy not in DEVICE_LIST_STRATEGIES:
+            raise ValueError(
+                f"device_list_strategy={device_list_strategy!r} is not allowed: use one of "
+                + ", ".join(DEVICE_LIST_STRATEGIES)
+            )
+        self.device_list_strategy = device_list_strategy
         if not 1 <= share_step_milli <= 1000:
             raise ValueError(f"share_step_milli={share_step_milli} is not allowed: use 1 to 1000")
         if poll_interval_s <= 0:
@@ -215,7 +247,10 @@ class DevicePluginServer(api_pb2_grpc.DevicePluginServicer):
         self._health = {uuid: d.healthy for uuid, d in self._devices.items()}
         self._version = 0  # bumped on every health change: ListAndWatch sends a new list
         self._generation = 0  # bumped when the server stops or restarts: its streams end
-        self._allocated: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._allocated: OrderedDict[tuple[str, int], frozenset[str]] = OrderedDict()
+        """(pod key, container number) -> the slot IDs it was allocated."""
+        self._progress: OrderedDict[str, int] = OrderedDict()
+        """Pod key -> how many of its containers are allocated (most recently advanced last)."""
 
         self._life = threading.Lock()  # start, stop and the watcher's restarts
         self._server: grpc.Server | None = None
@@ -443,20 +478,24 @@ class DevicePluginServer(api_pb2_grpc.DevicePluginServicer):
     def Allocate(self, request: api_pb2.AllocateRequest, context: grpc.ServicerContext) -> object:  # noqa: N802
         pending = self._pending(context)
         with self._cond:
-            chosen: list[tuple[PendingPlacement, frozenset[str]]] = []
+            chosen: list[tuple[PendingPlacement, int, frozenset[str]]] = []
+            progress = dict(self._progress)
             for container in request.container_requests:
                 ids = list(container.devices_ids)
-                taken = {p.key for p, _ in chosen}
-                match = self._match(ids, pending, taken, context)
-                chosen.append((match, frozenset(ids)))
-            for match, ids in chosen:  # all containers matched: remember them together
-                self._allocated[match.key] = ids
-                self._allocated.move_to_end(match.key)
-                while len(self._allocated) > MAX_REMEMBERED_ALLOCATIONS:
-                    self._allocated.popitem(last=False)
-        responses = [self._container_response(match) for match, _ in chosen]
-        for match, ids in chosen:
-            log.info("allocated %s to %s (%s)", ", ".join(sorted(ids)), match.job_id, match.uid)
+                match, number = self._match(ids, pending, progress, context)
+                progress[match.key] = max(progress.get(match.key, 0), number + 1)
+                chosen.append((match, number, frozenset(ids)))
+            for match, number, ids in chosen:  # all containers matched: remember them together
+                self._allocated[(match.key, number)] = ids
+                self._allocated.move_to_end((match.key, number))
+                self._progress[match.key] = max(self._progress.get(match.key, 0), number + 1)
+                self._progress.move_to_end(match.key)
+            for remembered in (self._allocated, self._progress):
+                while len(remembered) > MAX_REMEMBERED_ALLOCATIONS:
+                    remembered.popitem(last=False)
+        responses = [self._container_response(match, number) for match, number, _ in chosen]
+        for match, number, ids in chosen:
+            log.info("allocated %s to %s container %d (%s)", ", ".join(sorted(ids)), match.job_id, number, match.uid)
         return api_pb2.AllocateResponse(container_responses=responses)
 
     def PreStartContainer(  # noqa: N802
@@ -477,8 +516,13 @@ class DevicePluginServer(api_pb2_grpc.DevicePluginServicer):
         return [p for p in found if p.placement.node == self.node_name]
 
     def _match(
-        self, ids: list[str], pending: list[PendingPlacement], taken: set[str], context: grpc.ServicerContext
-    ) -> PendingPlacement:
+        self,
+        ids: list[str],
+        pending: list[PendingPlacement],
+        progress: dict[str, int],
+        context: grpc.ServicerContext,
+    ) -> tuple[PendingPlacement, int]:
+        """(pod, container number) for one container request, by the matching rule of the module docstring."""
         if not ids:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no device IDs in the container request")
         uuids: set[str] = set()
@@ -494,25 +538,46 @@ class DevicePluginServer(api_pb2_grpc.DevicePluginServicer):
                 )
             uuids.add(uuid)
         wanted = frozenset(ids)
-        for p in pending:
-            if p.key in taken or p.key in self._allocated:
+        one_each = len(uuids) == len(ids)
+        under_way = sorted(
+            (p for p in pending if 0 < progress.get(p.key, 0) < len(p.placement.per_container())),
+            key=lambda p: -list(self._progress).index(p.key) if p.key in self._progress else 0,
+        )
+        for p in under_way:  # rule 2
+            number = progress[p.key]
+            _, slices = p.placement.per_container()[number]
+            if one_each and len(slices) == len(ids) and {s.uuid for s in slices} == uuids:
+                return p, number
+        for p in pending:  # rule 3
+            if progress.get(p.key, 0) or (p.key, 0) in self._allocated:
                 continue
-            slice_uuids = [s.uuid for s in p.placement.slices]
-            if len(slice_uuids) == len(ids) and set(slice_uuids) == uuids:
-                return p
-        for p in pending:  # the kubelet repeating an Allocate it did not record
-            if p.key not in taken and self._allocated.get(p.key) == wanted:
-                return p
+            containers = p.placement.per_container()
+            if not containers:
+                continue
+            _, slices = containers[0]
+            if one_each and len(slices) == len(ids) and {s.uuid for s in slices} == uuids:
+                return p, 0
+        keys = {p.key: p for p in pending}
+        for (key, number), allocated in reversed(self._allocated.items()):  # rule 4
+            if allocated == wanted and key in keys:
+                return keys[key], number
+        for p in under_way:  # rule 5
+            number = progress[p.key]
+            _, slices = p.placement.per_container()[number]
+            if len(slices) == len(ids) and uuids <= {s.uuid for s in p.placement.slices}:
+                return p, number
         where = f" on node {self.node_name}" if self.node_name else ""
         context.abort(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"no flexai placement for devices {', '.join(sorted(ids)) or '(none)'}{where}: no pending pod's "
-            f"{names.ANNOTATION_PLACEMENT} names exactly the devices {', '.join(sorted(uuids)) or '(none)'} "
-            "with one slot each (was the pod scheduled by the flexai extender, or already allocated?)",
+            f"{names.ANNOTATION_PLACEMENT} gives a container exactly the devices "
+            f"{', '.join(sorted(uuids)) or '(none)'} with one slot each (was the pod scheduled by the flexai "
+            "extender, or already allocated?)",
         )
         raise AssertionError("unreachable")  # context.abort raises
 
-    def _container_response(self, match: PendingPlacement) -> api_pb2.ContainerAllocateResponse:
+    def _container_response(self, match: PendingPlacement, number: int) -> api_pb2.ContainerAllocateResponse:
+        _, grants = match.placement.per_container()[number]
         slices = [
             {
                 "device": self._devices[s.uuid].index,
@@ -520,16 +585,24 @@ class DevicePluginServer(api_pb2_grpc.DevicePluginServicer):
                 "share_milli": s.share_milli,
                 "memory_mib": s.memory_mib,
             }
-            for s in match.placement.slices
+            for s in grants
         ]
         envs = slice_environment(self._backend, match.job_id, slices)
+        annotations: dict[str, str] = {}
+        uuids = [s.uuid for s in grants]
+        if self._backend.name == "nvidia":
+            if self.device_list_strategy == "envvar":
+                envs["NVIDIA_VISIBLE_DEVICES"] = ",".join(uuids)
+            else:
+                annotations[cdi_annotation_key(match, number)] = ",".join(f"{CDI_KIND}={u}" for u in uuids)
         extras = self._extras
         nodes = list(extras.device_nodes)
         if extras.per_device is not None:
-            for s in match.placement.slices:
+            for s in grants:
                 nodes.extend(extras.per_device(self._devices[s.uuid]))
         return api_pb2.ContainerAllocateResponse(
             envs=envs,
+            annotations=annotations,
             mounts=[
                 api_pb2.Mount(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only)
                 for m in extras.mounts
@@ -566,10 +639,18 @@ class DevicePluginServer(api_pb2_grpc.DevicePluginServicer):
                 continue
 
         with self._cond:
-            allocated = set(self._allocated)
+            progress = dict(self._progress)
+        # The devices of the containers that would be matched next: pods under way first, then new ones.
+        under_way: list[list[str]] = []
+        fresh: list[list[str]] = []
         for p in pending:
-            slice_uuids = [s.uuid for s in p.placement.slices]
-            if p.key in allocated or len(slice_uuids) != size or len(set(slice_uuids)) != size:
+            number = progress.get(p.key, 0)
+            containers = p.placement.per_container()
+            if number < len(containers):
+                _, slices = containers[number]
+                (under_way if number else fresh).append([s.uuid for s in slices])
+        for slice_uuids in under_way + fresh:
+            if len(slice_uuids) != size or len(set(slice_uuids)) != size:
                 continue
             if len(must_uuids) != len(chosen) or not set(must_uuids) <= set(slice_uuids):
                 continue
