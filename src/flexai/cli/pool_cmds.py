@@ -1,4 +1,9 @@
-"""`flexai serve` and the pool's client commands: run, ps, pool, events, logs, cancel."""
+"""`flexai serve` and the pool's client commands: run, ps, pool, events, logs, cancel.
+
+Output: data on stdout (a job id, a table, JSON, a log), every error on stderr as one line. Exit codes: 0 done,
+2 bad input (refused here or by the daemon: any 4xx answer), 1 the daemon cannot be reached or failed (5xx).
+Dynamic text is printed verbatim (``flexai.cli.console``): no rich markup or emoji codes are read in it.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +13,28 @@ import re
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
+from urllib.parse import quote
 
 import typer
 from rich.table import Table
 
-from flexai.cli.main import app, console, fail
+from flexai.cli.console import die, err, fail, out, text
+from flexai.cli.main import app
 
 StateOption = Annotated[
     Path | None,
     typer.Option("--state", help="State directory of the pool (default: $FLEXAI_STATE or ~/.local/state/flexai)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+MAX_EVENTS = 10_000
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def state_dir(option: Path | None) -> Path:
@@ -55,6 +69,63 @@ def parse_memory(text: str) -> int:
     return int(value)
 
 
+def parse_since(value: str, now: float | None = None) -> float:
+    """``--since``: a duration back from now (``90s``, ``10m``, ``2h``, ``1d``) or an ISO 8601 time
+    (``2025-06-01T12:00:00``, local time unless it names its zone) -> seconds since the epoch."""
+    now = time.time() if now is None else now
+    match = _DURATION.fullmatch(value)
+    if match:
+        return max(0.0, now - float(match.group(1)) * _SECONDS[match.group(2)])
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        moment = None
+    if moment is None or not 1970 <= moment.year <= 3000:
+        fail(
+            f"--since={value!r} is not allowed: a duration like 30s, 10m, 2h, 1d "
+            "or an ISO 8601 time like 2025-06-01T12:00:00"
+        )
+    return max(0.0, moment.timestamp())
+
+
+def _utf8_or_fail(value: str, what: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        fail(f"{what}={value!r} is not allowed: arguments must be valid UTF-8")
+    return value
+
+
+def _environment() -> dict[str, str]:
+    """This shell's environment for the job; a variable that is not valid UTF-8 cannot travel (JSON) and is
+    left out with a warning."""
+    env = {}
+    for key, value in os.environ.items():
+        try:
+            key.encode("utf-8")
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            err.print(text(f"flexai: warning: {key!r} is not valid UTF-8: not passed to the job"), soft_wrap=True)
+            continue
+        env[key] = value
+    return env
+
+
+def _validation_error(item: object) -> str:
+    """One of FastAPI's 422 details as ``field=value: what is wrong``."""
+    if not isinstance(item, dict):
+        return str(item)
+    field = ".".join(map(str, item.get("loc", [])[1:])) or "body"
+    shown = repr(item["input"]) if "input" in item and not isinstance(item["input"], dict | list) else ""
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"{field}{'=' + shown if shown else ''}: {item.get('msg', '')}"
+
+
+def _path(job_id: str, *rest: str) -> str:
+    return "/api/v1/jobs/" + "/".join([quote(job_id, safe=""), *rest])
+
+
 class PoolClient:
     """Talks to the daemon over its unix socket, or over TCP when FLEXAI_URL is set (token from
     FLEXAI_TOKEN_FILE)."""
@@ -67,37 +138,79 @@ class PoolClient:
         if url:
             token_file = os.environ.get("FLEXAI_TOKEN_FILE")
             if token_file:
-                headers["Authorization"] = f"Bearer {Path(token_file).read_text().strip()}"
+                try:
+                    token = Path(token_file).read_text().strip()
+                except (OSError, UnicodeDecodeError) as exc:
+                    fail(f"FLEXAI_TOKEN_FILE={token_file!r} cannot be read: {getattr(exc, 'strerror', None) or exc}")
+                if not token.isascii() or not token.isprintable():
+                    fail(f"FLEXAI_TOKEN_FILE={token_file!r} holds characters a token cannot have: printable ASCII only")
+                headers["Authorization"] = f"Bearer {token}"
             self.where = url
-            self.http = httpx.Client(base_url=url, headers=headers, timeout=30)
+            try:
+                self.http = httpx.Client(base_url=url, headers=headers, timeout=30)
+            except (httpx.InvalidURL, ValueError) as exc:
+                fail(f"FLEXAI_URL={url!r} is not allowed: a URL like http://127.0.0.1:8470 ({exc})")
         else:
             sock = state / "flexai.sock"
             if not sock.exists():
-                console.print(f"[red]error:[/] no pool daemon at {sock}: start one with `flexai serve --state {state}`")
-                raise typer.Exit(code=1)
+                die(f"no pool daemon at {sock}: start one with `flexai serve --state {state}`")
             self.where = str(sock)
-            self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://flexai", timeout=30)
+            transport = httpx.HTTPTransport(uds=str(sock), verify=False)  # a local socket: no TLS, no CA loading
+            self.http = httpx.Client(transport=transport, base_url="http://flexai", timeout=30)
 
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+    @contextmanager
+    def _request(self, method: str, path: str, **kwargs: Any) -> Iterator[Any]:
         import httpx
 
         try:
-            response = self.http.request(method, path, **kwargs)
+            with self.http.stream(method, path, **kwargs) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._refused(response)
+                yield response
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            fail(f"FLEXAI_URL={self.where!r} is not allowed: {exc}")
         except httpx.HTTPError as exc:
-            console.print(f"[red]error:[/] cannot reach the pool daemon at {self.where}: {exc}")
-            raise typer.Exit(code=1) from None
-        if response.status_code >= 400:
+            die(f"cannot reach the pool daemon at {self.where}: {exc}")
+
+    def _refused(self, response: Any) -> None:
+        try:
+            detail = response.json().get("detail", response.text) if response.content else response.reason_phrase
+        except (ValueError, AttributeError):  # not a JSON object (e.g. a plain-text 500)
+            detail = response.text.strip() or response.reason_phrase
+        if isinstance(detail, list):  # pydantic validation errors
+            detail = "; ".join(_validation_error(d) for d in detail)
+        detail = " ".join(str(detail).split())
+        if response.status_code == 401:
+            fail(f"the pool daemon at {self.where} refused the token: {detail} (check FLEXAI_TOKEN_FILE)")
+        if response.status_code < 500:
+            fail(detail)
+        die(f"the pool daemon at {self.where} failed ({response.status_code}): {detail}")
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        with self._request(method, path, **kwargs) as response:
+            response.read()
             try:
-                detail = response.json().get("detail", response.text) if response.content else response.reason_phrase
-            except ValueError:  # not JSON (e.g. a plain-text 500)
-                detail = response.text.strip() or response.reason_phrase
-            if isinstance(detail, list):  # pydantic validation errors
-                detail = "; ".join(f"{'.'.join(map(str, d['loc'][1:]))}: {d['msg']}" for d in detail)
-            if response.status_code in (400, 404, 422):
-                fail(str(detail))
-            console.print(f"[red]error:[/] {detail}")
-            raise typer.Exit(code=1)
-        return response.json()
+                return response.json()
+            except ValueError:
+                die(f"the pool daemon at {self.where} answered something that is not JSON")
+
+    def log(self, job_id: str, offset: int, sink: IO[bytes]) -> tuple[int, bool]:
+        """Copy a job's output from ``offset`` to its current end into ``sink``, chunk by chunk.
+
+        Returns the next offset and whether the job had ended before the read (then the output is complete)."""
+        with self._request("GET", _path(job_id, "logs"), params={"offset": offset}) as response:
+            finished = response.headers.get("x-flexai-finished") == "true"
+            for chunk in response.iter_bytes():
+                sink.write(chunk)
+                offset += len(chunk)
+            sink.flush()
+        return offset, finished
+
+
+def _stdout_bytes() -> IO[bytes]:
+    sys.stdout.flush()
+    return sys.stdout.buffer
 
 
 @app.command()
@@ -133,8 +246,10 @@ def serve(
         if len(token) < 16:
             fail(f"--token-file={str(token_file)!r} holds a token of {len(token)} characters: at least 16 are needed")
         address = (host, int(port))
-    from flexai.local.daemon import StateInUseError, lock_state
+    from flexai.local.daemon import StateInUseError, lock_state, private_umask
 
+    # The state holds every job's environment: the daemon creates nothing that others may read.
+    job_umask = private_umask()
     try:
         lock_state(directory)
     except StateInUseError as exc:
@@ -150,64 +265,65 @@ def serve(
             directory,
             backend,
             found,
-            PoolConfig(share_step_milli=share_step, lending=lending, memory_grace_s=memory_grace),
+            PoolConfig(share_step_milli=share_step, lending=lending, memory_grace_s=memory_grace, job_umask=job_umask),
         )
     except (ValueError, RuntimeError, OSError, sqlite3.Error) as exc:
         fail(f"cannot open the pool state in {directory}: {exc}")
     where = f"http://{listen}" if listen else str(directory / "flexai.sock")
-    console.print(f"flexai pool: {len(found)} {backend.name} device(s), state {directory}, API on {where}")
+    out.print(text(f"flexai pool: {len(found)} {backend.name} device(s), state {directory}, API on {where}"))
     run_server(pool, directory, address, token)
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(
-    command: Annotated[list[str], typer.Argument(help="The command to run (after --).")],
+    command: Annotated[list[str] | None, typer.Argument(help="The command to run (after --).")] = None,
     state: StateOption = None,
     share: Annotated[str, typer.Option(help="Compute share per device: 30% or 300m.")] = "100%",
     memory: Annotated[str, typer.Option(help="Device memory per device: 8GiB or 8192MiB (0 = no quota).")] = "0MiB",
     count: Annotated[int, typer.Option(help="Number of devices.")] = 1,
     model: Annotated[str, typer.Option(help="Device model to run on (default: any).")] = "",
-    priority: Annotated[int, typer.Option(help="Higher starts first.")] = 0,
+    priority: Annotated[int, typer.Option(help="Higher starts first (-1000000..1000000).")] = 0,
     name: Annotated[str, typer.Option(help="A name for the job.")] = "",
     wait: Annotated[bool, typer.Option("--wait", help="Stream the output and exit with the job's exit code.")] = False,
 ) -> None:
     """Queue a command on a slice of the pool; prints the job id."""
+    if not command or not command[0]:
+        fail("command=[] is not allowed: give the command to run after --, like `flexai run -- python train.py`")
+    for i, part in enumerate(command):
+        _utf8_or_fail(part, f"command[{i}]")
     body = {
         "command": command,
         "share_milli": parse_share(share),
         "memory_mib": parse_memory(memory),
         "count": count,
-        "model": model,
+        "model": _utf8_or_fail(model, "--model"),
         "priority": priority,
-        "name": name,
-        "cwd": os.getcwd(),
-        "env": dict(os.environ),
+        "name": _utf8_or_fail(name, "--name"),
+        "cwd": _utf8_or_fail(os.getcwd(), "the working directory"),
+        "env": _environment(),
     }
     client = PoolClient(state_dir(state))
     job = client.call("POST", "/api/v1/jobs", json=body)
     if not wait:
-        console.print(job["id"])
+        print(job["id"])
         return
-    print(f"flexai: job {job['id']} {job['state']}", file=sys.stderr)
+    err.print(text(f"flexai: job {job['id']} {job['state']}"), soft_wrap=True)
     final = _follow(client, job["id"])
     code = final.get("exit_code")
     if final["state"] != "succeeded":
-        print(f"flexai: job {job['id']} {final['state']}: {final.get('reason', '')}", file=sys.stderr)
+        err.print(text(f"flexai: job {job['id']} {final['state']}: {final.get('reason', '')}"), soft_wrap=True)
     raise typer.Exit(code=code if isinstance(code, int) else 1)
 
 
-def _follow(client: PoolClient, job_id: str) -> dict[str, Any]:
+def _follow(client: PoolClient, job_id: str, poll_s: float = 0.2) -> dict[str, Any]:
+    """Print the job's output as it grows until the job has ended and all of it is out; return the job."""
+    sink = _stdout_bytes()
     offset = 0
     while True:
-        chunk = client.call("GET", f"/api/v1/jobs/{job_id}/logs", params={"offset": offset})
-        if chunk["text"]:
-            sys.stdout.write(chunk["text"])
-            sys.stdout.flush()
-        offset = chunk["next_offset"]
-        if chunk["finished"] and not chunk["text"]:
-            return client.call("GET", f"/api/v1/jobs/{job_id}")
-        if not chunk["text"]:
-            time.sleep(0.2)
+        offset, finished = client.log(job_id, offset, sink)
+        if finished:
+            return client.call("GET", _path(job_id))
+        time.sleep(poll_s)
 
 
 @app.command()
@@ -225,32 +341,66 @@ def ps(state: StateOption = None, as_json: JsonOption = False) -> None:
         request = f"{j['device_count']} x {j['share_milli'] / 10:g}%" + (
             f", {j['memory_mib']} MiB" if j["memory_mib"] else ""
         )
-        table.add_row(j["id"], j["name"], j["state"], request, slices, str(j["priority"]), j["reason"])
-    console.print(table)
+        table.add_row(*map(text, (j["id"], j["name"], j["state"], request, slices, j["priority"], j["reason"])))
+    out.print(table)
+
+
+def _mib(value: int | None) -> str:
+    if value is None:
+        return "?"
+    return f"{value / 1024:.1f} GiB" if value >= 1024 else f"{value} MiB"
 
 
 @app.command()
 def pool(state: StateOption = None, as_json: JsonOption = False) -> None:
-    """Show the devices and the slices granted on them."""
+    """Show the devices, the slices granted on them and what each slice really uses."""
     view = PoolClient(state_dir(state)).call("GET", "/api/v1/pool")
     if as_json:
         print(json.dumps(view, indent=2))
         return
-    table = Table(title=f"{view['backend']} pool: {view['running']} running, {view['queued']} queued")
-    for column in ("device", "model", "memory", "slices", "free"):
+    table = Table(title=text(f"{view['backend']} pool: {view['running']} running, {view['queued']} queued"))
+    for column in ("device", "model", "busy", "memory used", "slices (share, memory used / quota)", "free"):
         table.add_column(column)
     for d in view["devices"]:
-        slices = ", ".join(f"{s['name']} ({s['job']}) {s['share_milli'] / 10:g}%" for s in d["slices"]) or "-"
-        table.add_row(
-            str(d["index"]), d["model"], f"{d['memory_mib'] / 1024:g} GiB", slices, f"{d['free_share_milli'] / 10:g}%"
+        slices = ", ".join(
+            f"{s['name']} ({s['job']}) {s['share_milli'] / 10:g}% {_mib(s.get('used_memory_mib'))}"
+            f" / {_mib(s['memory_mib']) if s['memory_mib'] else 'no quota'}" + (" paused" if s.get("paused") else "")
+            for s in d["slices"]
         )
-    console.print(table)
+        busy = d.get("utilisation_pct")
+        table.add_row(
+            *map(
+                text,
+                (
+                    d["index"],
+                    d["model"],
+                    "n/a" if busy is None else f"{busy:.0f}%",
+                    f"{_mib(d.get('used_memory_mib'))} / {d['memory_mib'] / 1024:g} GiB",
+                    slices or "-",
+                    f"{d['free_share_milli'] / 10:g}%",
+                ),
+            )
+        )
+    out.print(table)
 
 
 @app.command()
-def events(state: StateOption = None, as_json: JsonOption = False) -> None:
-    """Show what happened in the pool."""
-    items = PoolClient(state_dir(state)).call("GET", "/api/v1/events")
+def events(
+    state: StateOption = None,
+    as_json: JsonOption = False,
+    since: Annotated[
+        str | None,
+        typer.Option(help="Only events since then: a duration back from now (30s, 10m, 2h, 1d) or an ISO 8601 time."),
+    ] = None,
+    limit: Annotated[int, typer.Option(help=f"Show the newest N events (1..{MAX_EVENTS}).")] = 100,
+) -> None:
+    """Show what happened in the pool: the newest events, oldest first."""
+    if not 1 <= limit <= MAX_EVENTS:
+        fail(f"--limit={limit} is not allowed: 1..{MAX_EVENTS}")
+    params: dict[str, Any] = {"limit": limit}
+    if since is not None:
+        params["since"] = parse_since(since)
+    items = PoolClient(state_dir(state)).call("GET", "/api/v1/events", params=params)
     if as_json:
         print(json.dumps(items, indent=2))
         return
@@ -258,8 +408,9 @@ def events(state: StateOption = None, as_json: JsonOption = False) -> None:
     for column in ("time", "job", "event", "message"):
         table.add_column(column)
     for e in items:
-        table.add_row(time.strftime("%H:%M:%S", time.localtime(e["ts"])), e["job_id"] or "", e["kind"], e["message"])
-    console.print(table)
+        moment = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts"]))
+        table.add_row(*map(text, (moment, e["job_id"] or "", e["kind"], e["message"])))
+    out.print(table)
 
 
 @app.command()
@@ -268,17 +419,18 @@ def logs(
     state: StateOption = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
 ) -> None:
-    """Print a job's output."""
+    """Print a job's whole output (streamed in chunks)."""
+    _utf8_or_fail(job_id, "job")
     client = PoolClient(state_dir(state))
     if follow:
         _follow(client, job_id)
         return
-    chunk = client.call("GET", f"/api/v1/jobs/{job_id}/logs")
-    sys.stdout.write(chunk["text"])
+    client.log(job_id, 0, _stdout_bytes())
 
 
 @app.command()
 def cancel(job_id: Annotated[str, typer.Argument(help="Job id or name.")], state: StateOption = None) -> None:
     """Cancel a queued or running job."""
-    job = PoolClient(state_dir(state)).call("POST", f"/api/v1/jobs/{job_id}/cancel")
-    console.print(f"{job['id']} {job['state']}")
+    _utf8_or_fail(job_id, "job")
+    job = PoolClient(state_dir(state)).call("POST", _path(job_id, "cancel"))
+    out.print(text(f"{job['id']} {job['state']}"))

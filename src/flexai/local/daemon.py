@@ -1,4 +1,10 @@
-"""`flexai serve`: the pool loop in a thread, the API on a unix socket (0600) or on TCP with a bearer token."""
+"""`flexai serve`: the pool loop in a thread, the API on a unix socket (0600) or on TCP with a bearer token.
+
+SIGTERM, SIGINT and SIGHUP stop the daemon gracefully: the API stops, every job paused by the time-slicer is
+resumed, and the jobs keep running for the next daemon to adopt. A daemon that dies without a word (``kill
+-9``, a crash) cannot do that: each job's shim notices within a fraction of a second and resumes its job itself
+(see ``flexai.local.shim``).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from pathlib import Path
 
 from flexai.local.api import create_app
 from flexai.local.pool import Pool
+from flexai.local.shim import write_private
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +65,17 @@ class StateInUseError(RuntimeError):
     pass
 
 
+def private_umask() -> int:
+    """Make every file this process creates private (umask 077); returns the umask it had (the jobs get that)."""
+    return os.umask(0o077)
+
+
 def lock_state(state_dir: Path) -> int:
     """Hold the state folder for this daemon's life: two daemons on one state would grant slices twice."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)
     fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -88,6 +102,37 @@ def bind_private_socket(path: Path) -> socket.socket:
     return listener
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _server(config: object) -> object:
+    """A uvicorn server that stops gracefully on SIGINT, SIGTERM and SIGHUP and then returns.
+
+    uvicorn's own handling re-raises the signal after its shutdown, which kills the process before the pool
+    could resume its paused jobs; this one only asks the server to exit."""
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # noqa: ANN202
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self._stop) for sig in STOP_SIGNALS}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        def _stop(self, sig: int, frame: object) -> None:
+            self.should_exit = True
+
+    return Server(config)  # type: ignore[arg-type]
+
+
 def serve(pool: Pool, state_dir: Path, listen: tuple[str, int] | None, token: str | None) -> None:
     import uvicorn
 
@@ -95,24 +140,23 @@ def serve(pool: Pool, state_dir: Path, listen: tuple[str, int] | None, token: st
     loop = PoolLoop(pool, lock)
     app = create_app(pool, lock, token if listen else None)
     loop.start()
-    (state_dir / "daemon.pid").write_text(str(os.getpid()))
+    write_private(str(state_dir / "daemon.pid"), str(os.getpid()))
     try:
         if listen:
             config = uvicorn.Config(app, host=listen[0], port=listen[1], log_level="warning")
-            uvicorn.Server(config).run()
+            _server(config).run()  # type: ignore[attr-defined]
         else:
             listener = bind_private_socket(socket_path(state_dir))
             try:
-                uvicorn.Server(uvicorn.Config(app, fd=listener.fileno(), log_level="warning")).run()
+                _server(uvicorn.Config(app, fd=listener.fileno(), log_level="warning")).run()  # type: ignore[attr-defined]
             finally:
                 listener.close()
                 socket_path(state_dir).unlink(missing_ok=True)
     finally:
+        # Signals during the shutdown must not cut it short: the paused jobs are resumed first.
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
         loop.stop()
         with lock:
             pool.shutdown()
-
-
-def install_signal_handlers() -> None:
-    # uvicorn handles SIGINT/SIGTERM for a graceful stop; SIGHUP does the same here.
-    signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flexai.local.procfs import process_start_ticks, process_state
-from flexai.local.store import ACTIVE_STATES, JobRecord, Store
+from flexai.local.procfs import process_group_and_session, process_start_ticks, process_state, processes_of
+from flexai.local.shim import write_private
+from flexai.local.store import ACTIVE_STATES, JobRecord, Store, make_private_tree
 from flexai.model import ClusterState, LedgerError, Node, Placement, Request, RequestError
 from flexai.model.workload import WorkloadProfile
 from flexai.node.devices import DeviceBackend, DeviceInfo
@@ -48,6 +49,9 @@ class PoolConfig:
     contention_utilisation_pct: float = 90.0
     """Jobs sharing a device are time-sliced only while the device is this busy (or cannot tell)."""
     policy: str = "flex"
+    job_umask: int | None = None
+    """The umask jobs run with; None = the umask of the process that creates the pool. The pool's own files are
+    private (0600 in a 0700 folder) whatever the umask."""
 
 
 @dataclass
@@ -69,6 +73,8 @@ class _Running:
     process: subprocess.Popen[bytes] | None
     over_quota_since: float | None = None
     stopped_by_slicer: bool = False
+    job_group: int | None = None
+    """Process group of the command (inside the shim's session); the slicer pauses this group, never the shim."""
 
 
 class Pool:
@@ -87,7 +93,15 @@ class Pool:
             raise ValueError(f"share step {self.config.share_step_milli}m is not allowed: a divisor of 1000m")
         self.state_dir = state_dir
         self.logs_dir = state_dir / "logs"
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        make_private_tree(state_dir, self.logs_dir)
+        if self.config.job_umask is not None:
+            self._job_umask = self.config.job_umask
+        else:
+            self._job_umask = os.umask(0o077)
+            os.umask(self._job_umask)
+        # Every shim watches this file and resumes its job when the process named here is gone.
+        self.owner_file = state_dir / "pool.owner"
+        write_private(str(self.owner_file), f"{os.getpid()} {process_start_ticks(os.getpid())}\n")
         self.backend = backend
         self.devices = devices
         self.clock = clock
@@ -110,6 +124,11 @@ class Pool:
         self.state = ClusterState(nodes)
         self._running: dict[str, _Running] = {}
         self._utilisation_pct: dict[int, float | None] = {}
+        self._device_memory_used_mib: dict[int, int | None] = {}
+        self._job_memory_mib: dict[str, dict[int, int]] = {}
+        """Device memory each running job uses (job id -> device index -> MiB), from the watchdog's last reading."""
+        self._memory_read: set[int] = set()
+        """Devices whose per-process memory the last reading could tell."""
         self._utilisation_read_at = float("-inf")
         self._head_waiting_since: dict[str, float] = {}
         self._profile_jobs = -1
@@ -252,6 +271,24 @@ class Pool:
     def _pid_file(self, job_id: str) -> Path:
         return self.logs_dir / f"{job_id}.pid"
 
+    def _group_file(self, job_id: str) -> Path:
+        return self.logs_dir / f"{job_id}.group"
+
+    def job_group(self, job_id: str) -> int | None:
+        """Process group of a running job's command (what the slicer pauses); None until the shim has started it."""
+        running = self._running.get(job_id)
+        if running is None or running.record.pid is None:
+            return None
+        if running.job_group is None:
+            try:
+                group = int(self._group_file(job_id).read_text().strip())
+            except (OSError, ValueError):
+                return None
+            # Only a group of this job's own session (the shim's): never signal a stranger's reused pid.
+            if process_group_and_session(group) == (group, running.record.pid):
+                running.job_group = group
+        return running.job_group
+
     def log_path(self, job_id: str) -> Path:
         return self._paths(job_id)[0]
 
@@ -260,13 +297,26 @@ class Pool:
         log, exit_file = self._paths(job.id)
         exit_file.unlink(missing_ok=True)
         self._pid_file(job.id).unlink(missing_ok=True)
+        self._group_file(job.id).unlink(missing_ok=True)
         # Recorded before the process exists: a daemon killed right after Popen finds the job "running"
         # with its slices and adopts it through the shim's pid file instead of starting it twice.
         self.store.update_job(job.id, state="running", slices=slices, pid=None)
         try:
             env = self.job_environment(job, slices)
             process = subprocess.Popen(
-                [sys.executable, "-m", "flexai.local.shim", str(exit_file), str(log), "--", *job.command],
+                [
+                    sys.executable,
+                    "-m",
+                    "flexai.local.shim",
+                    str(exit_file),
+                    str(log),
+                    "--watch",
+                    str(self.owner_file),
+                    "--umask",
+                    f"{self._job_umask:o}",
+                    "--",
+                    *job.command,
+                ],
                 cwd=job.cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -303,6 +353,7 @@ class Pool:
 
     def _finish(self, job_id: str, state: str, reason: str, exit_code: int | None) -> None:
         running = self._running.pop(job_id, None)
+        self._job_memory_mib.pop(job_id, None)
         if running and running.process is not None:
             running.process.poll()
         self.state.unreserve(job_id)
@@ -328,13 +379,18 @@ class Pool:
         running = self._running.get(job_id)
         if running is None or running.record.pid is None:
             return
-        pgid = running.record.pid
-        if _alive(pgid, running.record.pid_start_ticks):  # never signal a group whose leader pid was reused
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.killpg(pgid, sig)
-                except ProcessLookupError:
-                    break
+        shim = running.record.pid
+        if _alive(shim, running.record.pid_start_ticks):  # never signal a group whose leader pid was reused
+            # The shim's session holds the whole job: the shim's group, the command's group and any group the
+            # command made. The shim goes first so that it records nothing.
+            groups = [shim, self.job_group(job_id) or shim]
+            groups += sorted({g for pid, _ in processes_of(shim) for g in [_process_group(pid)] if g is not None})
+            for group in dict.fromkeys(groups):
+                for sig in (signal.SIGKILL,) if group == shim else (signal.SIGCONT, signal.SIGKILL):
+                    try:
+                        os.killpg(group, sig)
+                    except (ProcessLookupError, PermissionError):
+                        break
         if running.process is not None:
             try:
                 running.process.wait(timeout=10)
@@ -349,17 +405,23 @@ class Pool:
         now = self.clock()
         usage: dict[str, dict[int, int]] = {}
         devices_in_use = {int(s["device"]) for r in self._running.values() for s in (r.record.slices or [])}
-        group_of = {r.record.pid: job_id for job_id, r in self._running.items() if r.record.pid}
+        # A job is its shim's session (the shim's pid is the session id).
+        session_of = {r.record.pid: job_id for job_id, r in self._running.items() if r.record.pid}
+        read: set[int] = set()
         for device in devices_in_use:
             try:
                 per_process = self.backend.process_memory_mib(device)
             except Exception:  # noqa: BLE001  (a failed reading skips this round; the next tick tries again)
                 continue
+            read.add(device)
             for pid, mib in per_process.items():
-                job_id = group_of.get(_process_group(pid))
+                ids = process_group_and_session(pid)
+                job_id = session_of.get(ids[1]) if ids else None
                 if job_id is not None:
                     usage.setdefault(job_id, {}).setdefault(device, 0)
                     usage[job_id][device] += mib
+        self._memory_read = read
+        self._job_memory_mib = usage
         for job_id, running in list(self._running.items()):
             quota = running.record.memory_mib
             worst = max(usage.get(job_id, {}).items(), key=lambda kv: kv[1], default=None)
@@ -384,9 +446,11 @@ class Pool:
             return
         self._utilisation_read_at = now
         try:
-            self._utilisation_pct = {d.index: d.utilisation_pct for d in self.backend.devices()}
+            found = self.backend.devices()
         except Exception:  # noqa: BLE001  (a failed reading means "cannot tell", which gates conservatively)
-            self._utilisation_pct = {}
+            found = []
+        self._utilisation_pct = {d.index: d.utilisation_pct for d in found}
+        self._device_memory_used_mib = {d.index: d.memory_used_mib for d in found}
 
     def contended(self, device_index: int) -> bool:
         """Busy enough that co-located jobs compete for it; a device that cannot tell counts as contended.
@@ -437,10 +501,15 @@ class Pool:
                 continue
 
     def _gate(self, running: _Running, run: bool) -> None:
+        """Pause or resume the job's command group (never its shim, which must stay free to resume it when the
+        pool dies)."""
         if running.record.pid is None or run == (not running.stopped_by_slicer):
             return
+        group = self.job_group(running.record.id)
+        if group is None:
+            return
         try:
-            os.killpg(running.record.pid, signal.SIGCONT if run else signal.SIGSTOP)
+            os.killpg(group, signal.SIGCONT if run else signal.SIGSTOP)
         except ProcessLookupError:
             return
         running.stopped_by_slicer = not run
@@ -470,10 +539,12 @@ class Pool:
                 continue
             self._running[job.id] = _Running(job, None)
             if _alive(job.pid, job.pid_start_ticks):
-                try:
-                    os.killpg(job.pid, signal.SIGCONT)  # a restart must not leave a job paused by the slicer
-                except (ProcessLookupError, PermissionError):
-                    pass
+                for group in (job.pid, self.job_group(job.id)):  # a restart must not leave a job paused
+                    try:
+                        if group is not None:
+                            os.killpg(group, signal.SIGCONT)
+                    except (ProcessLookupError, PermissionError):
+                        pass
                 self.store.event(job.id, "adopted", f"re-adopted running job (pid {job.pid})")
         self._reap()
 
@@ -510,6 +581,13 @@ class Pool:
         self.store.close()
 
     # ------------------------------------------------------------------ views
+    def used_memory_mib(self, job_id: str, device_index: int) -> int | None:
+        """Device memory a running job really uses on one device (its processes, as the backend reads them);
+        None when the backend cannot tell."""
+        if device_index not in self._memory_read:
+            return None
+        return self._job_memory_mib.get(job_id, {}).get(device_index, 0)
+
     def pool_view(self) -> dict[str, object]:
         devices = []
         for node_index, group in enumerate(self.group_devices):
@@ -520,6 +598,8 @@ class Pool:
                         "name": self._running[job_id].record.name if job_id in self._running else job_id,
                         "share_milli": p.share_milli,
                         "memory_mib": p.device_memory_mib,
+                        "used_memory_mib": self.used_memory_mib(job_id, device.index),
+                        "paused": bool(job_id in self._running and self._running[job_id].stopped_by_slicer),
                     }
                     for job_id, p in self.state.grants.items()
                     if p.node_index == node_index and local_index in p.device_indices
@@ -532,6 +612,8 @@ class Pool:
                         "memory_mib": device.memory_mib,
                         "free_share_milli": int(self.state.free_share_milli[node_index, local_index]),
                         "free_memory_mib": int(self.state.free_device_memory_mib[node_index, local_index]),
+                        "utilisation_pct": self._utilisation_pct.get(device.index),
+                        "used_memory_mib": self._device_memory_used_mib.get(device.index),
                         "slices": slices,
                     }
                 )
@@ -546,12 +628,15 @@ class Pool:
         }
 
     def record_utilisation(self) -> None:
-        """One point of allocated share per device, for the dashboard's history."""
-        point = {"ts": time.time(), "allocated_share_milli": {}}
+        """One point per device for the dashboard's history: allocated share, and the device's own utilisation
+        (None when the backend cannot tell)."""
+        allocated: dict[str, int] = {}
+        busy: dict[str, float | None] = {}
         for node_index, group in enumerate(self.group_devices):
             for local_index, device in enumerate(group):
-                used = 1000 - int(self.state.free_share_milli[node_index, local_index])
-                point["allocated_share_milli"][str(device.index)] = used  # type: ignore[index]
+                allocated[str(device.index)] = 1000 - int(self.state.free_share_milli[node_index, local_index])
+                busy[str(device.index)] = self._utilisation_pct.get(device.index)
+        point = {"ts": time.time(), "allocated_share_milli": allocated, "utilisation_pct": busy}
         self.utilisation_history.append(point)
         del self.utilisation_history[:-600]
 

@@ -1,12 +1,15 @@
 """The pool's durable state: jobs and events in SQLite (WAL), so that `kill -9` of the daemon loses nothing.
 
-Every change is one transaction; the daemon rebuilds its ledger from the jobs table on start.
+Every change is one transaction; the daemon rebuilds its ledger from the jobs table on start. The state holds
+each job's environment (secrets, often): the folder is 0700 and every file in it 0600, whatever the umask.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -54,6 +57,38 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+def make_private_tree(*folders: Path) -> None:
+    """Create ``folders`` as 0700 and make what is already in them private: folders 0700, files 0600.
+
+    Fixes state left by older versions or created under a loose umask; never follows symbolic links."""
+    for folder in folders:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        for root, dirs, files in os.walk(folder):
+            for name in dirs:
+                _chmod_private(Path(root) / name, 0o700)
+            for name in files:
+                _chmod_private(Path(root) / name, 0o600)
+
+
+def _chmod_private(path: Path, mode: int) -> None:
+    try:
+        info = path.lstat()
+        if not stat.S_ISLNK(info.st_mode) and stat.S_IMODE(info.st_mode) & ~mode:
+            os.chmod(path, mode)
+    except FileNotFoundError:
+        pass  # gone meanwhile (a job's temporary file)
+
+
+def _private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 if it is missing; make it 0600 if it exists."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class JobRecord:
     id: str
@@ -99,9 +134,13 @@ class Store:
         self.keep_events = keep_events
         """Newest events kept; older ones are dropped so a long-lived pool's state does not grow forever."""
         self._events_since_trim = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
+        # SQLite gives its -wal and -shm files the database file's mode: create that one 0600 first.
+        _private_file(path)
+        for suffix in ("-wal", "-shm", "-journal"):
+            _chmod_private(Path(f"{path}{suffix}"), 0o600)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -217,11 +256,22 @@ class Store:
             self._events_since_trim = 0
             db.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (self.keep_events,))
 
-    def events(self, after_id: int = 0, limit: int = 1000) -> list[Event]:
+    def events(self, after_id: int | None = None, limit: int = 1000, since_ts: float | None = None) -> list[Event]:
+        """Events in the order they happened.
+
+        With ``after_id``: the oldest ``limit`` events after that id (to page forward or follow). Without: the
+        newest ``limit`` events, those at or after ``since_ts`` (seconds since the epoch) when it is given."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
-            ).fetchall()
+            if after_id is not None:
+                rows = self._db.execute(
+                    "SELECT * FROM events WHERE id > ? AND ts >= ? ORDER BY id LIMIT ?",
+                    (after_id, since_ts or 0.0, limit),
+                ).fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT * FROM events WHERE ts >= ? ORDER BY id DESC LIMIT ?", (since_ts or 0.0, limit)
+                ).fetchall()
+                rows.reverse()
         return [Event(**dict(r)) for r in rows]
 
     # ------------------------------------------------------------------ meta

@@ -7,6 +7,9 @@ on every call, so a test can change it between calls), in one of two forms::
 
     {"4242": 1024}                      pid -> MiB, on every simulated device
     {"0": {"4242": 1024}, "1": {}}      device index -> (pid -> MiB)
+
+A sim device cannot tell how busy it is (``utilisation_pct`` None), unless ``FLEXAI_SIM_UTILISATION_FILE``
+names a JSON file ``{"DEVICE_INDEX": PERCENT}`` (read on every call; devices it leaves out still cannot tell).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from flexai.node.devices import (
 )
 
 MEMORY_FILE_ENV = "FLEXAI_SIM_MEMORY_FILE"
+UTILISATION_FILE_ENV = "FLEXAI_SIM_UTILISATION_FILE"
 MAX_SIM_DEVICES = 1024
 """More fake devices than any real node has; a larger SPEC is a typo."""
 
@@ -70,6 +74,7 @@ class SimBackend(DeviceBackend):
 
     def devices(self) -> list[DeviceInfo]:
         usage = self._usage()
+        busy = self._utilisation()
         return [
             DeviceInfo(
                 vendor="sim",
@@ -78,7 +83,7 @@ class SimBackend(DeviceBackend):
                 model=model,
                 memory_mib=memory_mib,
                 healthy=True,
-                utilisation_pct=None,  # a sim device cannot tell how busy it is: the pool assumes contention
+                utilisation_pct=busy.get(i),  # None (cannot tell) unless the utilisation file says
                 memory_used_mib=sum(usage.get(i, {}).values()),
             )
             for i, (model, memory_mib) in enumerate(self._devices)
@@ -93,6 +98,28 @@ class SimBackend(DeviceBackend):
     def visibility_env(self, indices: Sequence[int], uuids: Sequence[str]) -> dict[str, str]:
         check_same_length(indices, uuids)
         return joined_visibility(self.visibility_variable, indices, "index")
+
+    def _utilisation(self) -> dict[int, float]:
+        """Device index -> percent from the utilisation file; {} when none is named."""
+        named = os.environ.get(UTILISATION_FILE_ENV, "")
+        if not named:
+            return {}
+        where = f"{UTILISATION_FILE_ENV}={named!r}"
+        form = 'use {"DEVICE_INDEX": PERCENT} with PERCENT in 0..100'
+        try:
+            with open(named, encoding="utf-8") as file:
+                data = json.load(file)
+        except (OSError, ValueError) as exc:
+            raise DiscoveryError(f"{where} cannot be read: {one_line(exc)}") from exc
+        if not isinstance(data, dict):
+            raise DiscoveryError(f"{where} holds {type(data).__name__}, not an object: {form}")
+        busy: dict[int, float] = {}
+        for key, value in data.items():
+            index = _key(key, where, form, "device index")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
+                raise DiscoveryError(f"{where}: device {key} is {value!r} busy: {form}")
+            busy[index] = float(value)
+        return busy
 
     def _usage(self) -> dict[int, dict[int, int]]:
         """Device index -> pid -> MiB from the memory file; {} when no file is named."""
