@@ -30,6 +30,7 @@ class FakeApiServer:
         self.faults: list[dict[str, Any]] = []
         self.bind_calls = 0
         self.list_calls = 0
+        self.pod_patches = 0
         self.bind_delay_s = 0.0
         """Seconds each pods/binding POST waits before answering (a slow API server)."""
         self.app = self._build()
@@ -155,6 +156,7 @@ class FakeApiServer:
         async def patch_pod(ns: str, name: str, request: Request) -> dict:
             patch = json.loads(await request.body())
             with server.lock:
+                server.pod_patches += 1
                 pod = server.pods.get(f"{ns}/{name}")
                 if pod is None:
                     raise HTTPException(404, "not found")

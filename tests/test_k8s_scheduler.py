@@ -3,15 +3,18 @@ serves list+watch and injects 409 Conflict, 410 Gone and 500."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from flexai.k8s import names
 from flexai.k8s.apiclient import KubeClient, LeaderElector
-from flexai.k8s.cluster import KubeCluster
+from flexai.k8s.cluster import KubeCluster, PodRecord
 from flexai.k8s.extender import Extender, create_extender_app
 from flexai.k8s.service import SchedulerService
 from tests.fake_apiserver import FakeApiServer
@@ -266,3 +269,249 @@ def test_heartbeats_alone_change_nothing_to_schedule_on() -> None:
     assert cluster.state is not None and (cluster.version, cluster.layout_version) == (version, layout)
     cluster.upsert_node(node("n1", 2, healthy=False))  # no healthy device left: its row is vacated
     assert cluster.state is None and cluster.version == version and cluster.layout_version == layout + 1
+
+
+# ------------------------------------------------------------------------------------------- stale agents
+
+
+def test_a_node_whose_agent_was_silent_comes_back_with_its_next_heartbeat() -> None:
+    clock = [10_000.0]
+    cluster = KubeCluster(inventory_timeout_s=120, clock=lambda: clock[0])
+    cluster.upsert_node(node("n1", 2, heartbeat=clock[0]))
+    cluster.upsert_pod(placed(pod("old", 1, 700), "n1", (0, 700)))
+    extender = Extender(cluster)
+    args = {"Pod": pod("p", 1, 500), "NodeNames": ["n1"]}
+    assert extender.filter(args)["NodeNames"] == ["n1"]
+
+    clock[0] += 121  # the agent says nothing for longer than the timeout
+    silent = extender.filter(args)
+    assert silent["NodeNames"] == []
+    assert silent["FailedAndUnresolvableNodes"]["n1"] == "flexai agent heartbeat is 121 s old"
+
+    cluster.upsert_node(node("n1", 2, heartbeat=clock[0]))  # the same inventory, a fresh heartbeat
+    assert extender.filter(args)["NodeNames"] == ["n1"]
+    state = cluster.state
+    assert state is not None and int(state.free_share_milli[cluster.index_of["n1"], 0]) == 300  # kept its pod
+
+
+# ------------------------------------------------------------------------------------ incremental view
+
+
+def test_a_node_change_rewrites_only_its_row_and_growth_carries_the_ledger() -> None:
+    cluster = cluster_of(
+        *(node(f"n{i}", 4) for i in range(3)),
+        pods=tuple(placed(pod(f"p{i}", 1, 300), f"n{i}", (1, 300)) for i in range(3)),
+    )
+    state = cluster.state
+    assert state is not None
+    version, before = cluster.version, state.free_share_milli.copy()
+    row = cluster.index_of["n1"]
+
+    # Device 0 of n1 goes unhealthy: n1's row is rewritten (its pod keeps its slice on device 1, now column 0).
+    sick = node("n1", 4)
+    inventory = names.Inventory.from_json(sick["metadata"]["annotations"][names.ANNOTATION_INVENTORY])
+    devices = (dataclasses.replace(inventory.devices[0], healthy=False), *inventory.devices[1:])
+    sick["metadata"]["annotations"][names.ANNOTATION_INVENTORY] = dataclasses.replace(
+        inventory, devices=devices
+    ).to_json()
+    cluster.upsert_node(sick)
+    assert cluster.state is state and cluster.version == version and cluster.rebuilds == 0
+    assert state.free_share_milli[row].tolist() == [700, 1000, 1000, 0]
+    others = [r for r in range(state.node_count) if r != row]
+    assert (state.free_share_milli[others] == before[others]).all()
+
+    # New nodes take vacant rows; past the headroom the state grows once, the ledger copied, not replayed.
+    for i in range(3, 30):
+        cluster.upsert_node(node(f"n{i}", 4))
+    assert cluster.rebuilds == 1 and cluster.version == version + 1
+    grown = cluster.state
+    assert grown is not None and grown is not state
+    assert grown.allocated_share_milli == 900 and set(grown.grants) == {"uid-p0", "uid-p1", "uid-p2"}
+    assert int(grown.free_share_milli[cluster.index_of["n2"], 1]) == 700
+
+    # A node that brings a new device model and more devices: one more rebuild, and it schedules.
+    cluster.upsert_node(node("big", 16, model="H100"))
+    extender = Extender(cluster)
+    assert extender.filter({"Pod": pod("h", 16, model="H100"), "NodeNames": ["big", "n0"]})["NodeNames"] == ["big"]
+
+
+def test_the_view_keeps_small_records_not_the_api_servers_objects() -> None:
+    cluster = cluster_of(node("n1", 2), pods=(placed(pod("a", 1, 300), "n1", (0, 300)),))
+    record = cluster.pods["uid-a"]
+    assert isinstance(record, PodRecord) and not hasattr(record, "__dict__")
+    assert record.node == "n1" and record.placement is not None and record.demand is not None
+
+
+# ------------------------------------------------------------------------- requests translated by the webhook
+
+
+@pytest.mark.parametrize(
+    ("case", "limits", "annotations", "expect"),
+    [
+        ("part of two GPUs", {names.RESOURCE_VXPU: "2", names.RESOURCE_SHARE: "500"}, {}, [(500, 0), (500, 0)]),
+        (
+            "the whole device memory (HAMi's default)",
+            {names.RESOURCE_VXPU: "1", names.RESOURCE_SHARE: "300"},
+            {names.ANNOTATION_MEMORY_PERCENTAGE: '{"main": 100}'},
+            [(300, 81920)],
+        ),
+        (
+            "a vNPU template: a model pattern and a memory percentage",
+            {names.RESOURCE_VXPU: "1", names.RESOURCE_SHARE: "200"},
+            {names.ANNOTATION_MODEL: "A10*", names.ANNOTATION_MEMORY_PERCENTAGE: '{"main": 13}'},
+            [(200, 10649)],
+        ),
+    ],
+)
+def test_translated_requests_are_placed(case: str, limits: dict, annotations: dict, expect: list) -> None:
+    the_pod = pod("t")
+    the_pod["spec"]["containers"][0]["resources"]["limits"] = limits
+    the_pod["metadata"]["annotations"] = annotations
+    api = FakeApi([the_pod])
+    extender = Extender(cluster_of(node("n1", 4, model="T4"), node("n2", 4)), api)
+    assert schedule(extender, the_pod, ["n1", "n2"]) == {"Error": ""}
+    placement = names.Placement.from_json(api.pods["t"]["metadata"]["annotations"][names.ANNOTATION_PLACEMENT])
+    assert [(s.share_milli, s.memory_mib) for s in placement.slices] == expect
+    if names.ANNOTATION_MODEL in annotations:
+        assert placement.node == "n2"  # A100 matches A10*, T4 does not
+    assert len({s.uuid for s in placement.slices}) == len(expect)
+
+
+# ----------------------------------------------------------------------------- the filter/bind race
+
+
+class FakeApi:
+    """An in-process API server for the extender: pods/binding applies nodeName and the Binding's annotations,
+    and the bound pod is handed to ``watch`` (the informer's event) right away."""
+
+    def __init__(self, pods: list[dict], watch: Callable[[dict], None] | None = None) -> None:
+        self.pods = {p["metadata"]["name"]: copy.deepcopy(p) for p in pods}
+        self.watch = watch
+        self.patches = 0
+
+    def get_pod(self, namespace: str, name: str) -> dict:
+        return copy.deepcopy(self.pods[name])
+
+    def bind_pod(self, namespace: str, name: str, uid: str, node_name: str, annotations: dict | None = None) -> None:
+        from flexai.k8s.extender import ApiError
+
+        stored = self.pods[name]
+        if stored["spec"].get("nodeName"):
+            raise ApiError(409, "pod is already assigned")
+        stored["spec"]["nodeName"] = node_name
+        stored["metadata"]["annotations"] = {**stored["metadata"].get("annotations", {}), **(annotations or {})}
+        if self.watch is not None:
+            self.watch(copy.deepcopy(stored))
+
+    def create_event(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def schedule(extender: Extender, the_pod: dict, node_names: list[str]) -> dict:
+    passed = extender.filter({"pod": the_pod, "nodenames": node_names})["NodeNames"]
+    if not passed:
+        return {"Error": "unschedulable"}
+    scores = extender.prioritize({"pod": the_pod, "nodenames": passed})
+    best = max(scores, key=lambda s: s["Score"])["Host"]
+    meta = the_pod["metadata"]
+    return extender.bind({"podName": meta["name"], "podNamespace": "default", "podUID": meta["uid"], "node": best})
+
+
+def race(nodes: int, gpus: int, fill: list[tuple[str, int, int]], pods: list[dict], in_flight: int, assume: bool):
+    """kube-scheduler's pipeline, deterministically: filter and prioritize one pod at a time, the best score
+    wins (ties at random, as kube-scheduler breaks them), and each bind runs ``in_flight`` decisions later.
+    Returns (refused binds, binds)."""
+    cluster = KubeCluster()
+    names_ = [f"n{i:04d}" for i in range(nodes)]
+    for name in names_:
+        cluster.upsert_node(node(name, gpus))
+    for i, (where, device, share) in enumerate(fill):
+        cluster.upsert_pod(placed(pod(f"fill{i}", 1, share), where, (device, share)))
+    api = FakeApi(pods, watch=cluster.upsert_pod)
+    extender = Extender(cluster, api, assume_ttl_s=30.0 if assume else 0.0)
+    for p in pods:
+        cluster.upsert_pod(p)
+    rng = random.Random(7)
+    queue: list[dict] = []
+    refused = 0
+
+    def bind_next() -> None:
+        nonlocal refused
+        refused += extender.bind(queue.pop(0))["Error"] != ""
+
+    for p in pods:
+        passed = extender.filter({"pod": p, "nodenames": names_})["NodeNames"]
+        if passed:
+            scores = extender.prioritize({"pod": p, "nodenames": passed})
+            top = max(s["Score"] for s in scores)
+            best = rng.choice([s["Host"] for s in scores if s["Score"] == top])
+            meta = p["metadata"]
+            queue.append({"podName": meta["name"], "podNamespace": "default", "podUID": meta["uid"], "node": best})
+        if len(queue) > in_flight:
+            bind_next()
+    while queue:
+        bind_next()
+    return refused, len(pods)
+
+
+@pytest.mark.parametrize("assume", [False, True], ids=["bind-only", "assumed-at-prioritize"])
+def test_concurrent_decisions_see_the_node_held_for_the_pod_before(assume: bool) -> None:
+    """1,000 nodes, 300 pods; and a nearly full 50-node cluster, 100 pods: 8 binds in flight at any time."""
+    shares = [100, 200, 300, 500, 700, 1000]
+    spread = [pod(f"a{k}", 1, shares[k % 6]) for k in range(300)]
+    refused_a, binds_a = race(1000, 8, [], spread, in_flight=8, assume=assume)
+    # 50 nodes x 8 GPUs, all full but one device per node with 600m free: room for 100 pods of 300m.
+    full = [(f"n{i:04d}", d, 1000) for i in range(50) for d in range(1, 8)] + [(f"n{i:04d}", 0, 400) for i in range(50)]
+    tight = [pod(f"b{k}", 1, 300) for k in range(100)]
+    refused_b, binds_b = race(50, 8, full, tight, in_flight=8, assume=assume)
+    if assume:
+        assert refused_a <= binds_a // 100 and refused_b <= binds_b // 100
+    else:  # what kube-scheduler's concurrent binds did to the extender before it held its choice
+        assert refused_a > binds_a // 100 and refused_b > binds_b // 10
+
+
+def test_an_assumption_without_a_bind_expires_and_a_bind_elsewhere_replaces_it() -> None:
+    clock = [10_000.0]
+    cluster = KubeCluster(clock=lambda: clock[0])
+    cluster.upsert_node(node("n1", 1, heartbeat=clock[0]))
+    cluster.upsert_node(node("n2", 1, heartbeat=clock[0]))
+    first, second = pod("first", 1, 600), pod("second", 1, 600)
+    api = FakeApi([first, second], watch=cluster.upsert_pod)
+    extender = Extender(cluster, api, assume_ttl_s=30)
+    ranked = extender.prioritize({"pod": first, "nodenames": ["n1", "n2"]})
+    held = next(s["Host"] for s in ranked if s["Score"] == 10)
+    other = "n2" if held == "n1" else "n1"
+    assert extender.filter({"pod": second, "nodenames": [held]})["NodeNames"] == []  # held for "first"
+    clock[0] += 31  # no bind came: the assumption expires
+    cluster.upsert_node(node("n1", 1, heartbeat=clock[0]))
+    cluster.upsert_node(node("n2", 1, heartbeat=clock[0]))
+    assert extender.filter({"pod": second, "nodenames": [held]})["NodeNames"] == [held]
+    # kube-scheduler may bind elsewhere (its own scores count too): the assumption moves with the bind.
+    extender.prioritize({"pod": first, "nodenames": ["n1", "n2"]})
+    args = {"podName": "first", "podNamespace": "default", "podUID": "uid-first", "node": other}
+    assert extender.bind(args) == {"Error": ""}
+    assert extender.filter({"pod": second, "nodenames": ["n1", "n2"]})["NodeNames"] == [held]
+
+
+# --------------------------------------------------------------------------------------- least privilege
+
+
+def test_the_placement_travels_in_the_binding_and_no_pod_is_patched(apiserver: FakeApiServer) -> None:
+    apiserver.add_node(node("n1", 2))
+    service = SchedulerService(KubeClient(apiserver.url), leader_election=False)
+    service.start()
+    try:
+        assert service.wait_synced(10)
+        apiserver.add_pod(pod("p", 1, 300))
+        wait_for(lambda: "uid-p" in service.cluster.pods)
+        assert schedule_like_kube_scheduler(service, apiserver.pods["default/p"], ["n1"]) == {"Error": ""}
+        (binding,) = apiserver.bindings
+        placement = names.Placement.from_json(binding["metadata"]["annotations"][names.ANNOTATION_PLACEMENT])
+        stored = apiserver.pods["default/p"]
+        assert stored["metadata"]["annotations"][names.ANNOTATION_PLACEMENT] == placement.to_json()
+        assert stored["spec"]["nodeName"] == "n1" and apiserver.pod_patches == 0
+        wait_for(
+            lambda: service.cluster.holds.get("uid-p") is not None and service.cluster.holds["uid-p"].kind == "bound"
+        )
+    finally:
+        service.stop()

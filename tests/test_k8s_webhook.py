@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from flexai.k8s.names import ANNOTATION_TRANSLATED, RESOURCE_MEMORY, RESOURCE_SHARE, RESOURCE_VXPU, SCHEDULER_NAME
+from flexai.k8s.names import (
+    ANNOTATION_MODEL,
+    ANNOTATION_TRANSLATED,
+    RESOURCE_MEMORY,
+    RESOURCE_SHARE,
+    RESOURCE_VXPU,
+    SCHEDULER_NAME,
+)
 from flexai.k8s.webhook import (
     ANNOTATION_MEMORY_PERCENTAGE,
     QuantityError,
@@ -193,6 +200,171 @@ def test_translation_per_convention(case: str, limits: dict, expected: dict, sou
     assert original["spec"]["schedulerName"] == "default-scheduler", "the input must not be modified"
 
 
+# What used to be refused or left behind (so that the pod failed or waited forever), with each project's
+# documented defaults: (case, limits, options, flexai limits, annotations the pod gets, env the container gets).
+HAMI_RULES = [
+    (
+        "hami cores off the step round up to it",
+        {"nvidia.com/gpu": "1", "nvidia.com/gpucores": "25", "nvidia.com/gpumem": "1000"},
+        {},
+        {RESOURCE_VXPU: "1", RESOURCE_SHARE: "300", RESOURCE_MEMORY: "1000"},
+        {},
+        {},
+    ),
+    (
+        "hami cores 0 is no core limit: the whole device",
+        {"nvidia.com/gpu": "1", "nvidia.com/gpucores": "0", "nvidia.com/gpumem": "1000"},
+        {},
+        {RESOURCE_VXPU: "1", RESOURCE_SHARE: "1000", RESOURCE_MEMORY: "1000"},
+        {},
+        {},
+    ),
+    (
+        "hami cores missing is no core limit too",
+        {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1000"},
+        {},
+        {RESOURCE_VXPU: "1", RESOURCE_MEMORY: "1000"},
+        {},
+        {},
+    ),
+    (
+        "hami memory missing is the whole device memory",
+        {"nvidia.com/gpu": "1", "nvidia.com/gpucores": "30"},
+        {},
+        {RESOURCE_VXPU: "1", RESOURCE_SHARE: "300"},
+        {ANNOTATION_MEMORY_PERCENTAGE: '{"main": 100}'},
+        {},
+    ),
+    (
+        "hami memory missing, device memory known",
+        {"nvidia.com/gpu": "1", "nvidia.com/gpucores": "30"},
+        {"device_memory_mib": 81920},
+        {RESOURCE_VXPU: "1", RESOURCE_SHARE: "300", RESOURCE_MEMORY: "81920"},
+        {},
+        {},
+    ),
+    (
+        "hami part of two GPUs",
+        {"nvidia.com/gpu": "2", "nvidia.com/gpucores": "50", "nvidia.com/gpumem": "4096"},
+        {},
+        {RESOURCE_VXPU: "2", RESOURCE_SHARE: "500", RESOURCE_MEMORY: "4096"},
+        {},
+        {},
+    ),
+    (
+        "hami priority becomes CUDA_TASK_PRIORITY",
+        {"nvidia.com/gpu": "1", "nvidia.com/gpucores": "30", "nvidia.com/gpumem": "1000", "nvidia.com/priority": "1"},
+        {},
+        {RESOURCE_VXPU: "1", RESOURCE_SHARE: "300", RESOURCE_MEMORY: "1000"},
+        {},
+        {"CUDA_TASK_PRIORITY": "1"},
+    ),
+    (
+        "hami priority on a bare nvidia gpu is stripped too",
+        {"nvidia.com/gpu": "1", "nvidia.com/priority": "0"},
+        {},
+        {"nvidia.com/gpu": "1"},
+        {},
+        {"CUDA_TASK_PRIORITY": "0"},
+    ),
+    (
+        "volcano memory percentage",
+        {"volcano.sh/vgpu-number": "1", "volcano.sh/vgpu-cores": "30", "volcano.sh/vgpu-memory-percentage": "50"},
+        {},
+        {RESOURCE_VXPU: "1", RESOURCE_SHARE: "300"},
+        {ANNOTATION_MEMORY_PERCENTAGE: '{"main": 50}'},
+        {},
+    ),
+    (
+        "volcano memory percentage, device memory known",
+        {"volcano.sh/vgpu-number": "1", "volcano.sh/vgpu-memory-percentage": "50"},
+        {"device_memory_mib": 40960},
+        {RESOURCE_VXPU: "1", RESOURCE_MEMORY: "20480"},
+        {},
+        {},
+    ),
+    (
+        "volcano cores 0",
+        {"volcano.sh/vgpu-number": "1", "volcano.sh/vgpu-cores": "0", "volcano.sh/vgpu-memory": "1024"},
+        {},
+        {RESOURCE_VXPU: "1", RESOURCE_SHARE: "1000", RESOURCE_MEMORY: "1024"},
+        {},
+        {},
+    ),
+    (
+        "huawei vgpu-type names the device model",
+        {
+            "huawei.com/vgpu-number": "1",
+            "huawei.com/vgpu-cores": "20",
+            "huawei.com/vgpu-memory.1Gi": "4",
+            "huawei.com/vgpu-type.T4": "1",
+        },
+        {},
+        {RESOURCE_VXPU: "1", RESOURCE_SHARE: "200", RESOURCE_MEMORY: "4096"},
+        {ANNOTATION_MODEL: "*T4*"},
+        {},
+    ),
+    (
+        "huawei vNPU: 4 of 30 AI cores of an Ascend 910",
+        {"huawei.com/Ascend910-4c": "1"},
+        {},
+        {RESOURCE_VXPU: "1", RESOURCE_SHARE: "200"},
+        {ANNOTATION_MODEL: "Ascend910*", ANNOTATION_MEMORY_PERCENTAGE: '{"main": 13}'},
+        {},
+    ),
+    (
+        "huawei vNPU template with memory",
+        {"huawei.com/Ascend910B-5c.1cpu.16g": "1"},
+        {},
+        {RESOURCE_VXPU: "1", RESOURCE_SHARE: "300", RESOURCE_MEMORY: "16384"},
+        {ANNOTATION_MODEL: "Ascend910B*"},
+        {},
+    ),
+    (
+        "huawei vNPU of an Ascend 310P",
+        {"huawei.com/Ascend310P-2c.1cpu": "1"},
+        {},
+        {RESOURCE_VXPU: "1", RESOURCE_SHARE: "300"},
+        {ANNOTATION_MODEL: "Ascend310P*", ANNOTATION_MEMORY_PERCENTAGE: '{"main": 25}'},
+        {},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "limits", "options", "expected", "annotations", "env"), HAMI_RULES, ids=[r[0] for r in HAMI_RULES]
+)
+def test_requests_of_other_projects_never_fail_nor_wait(
+    case: str, limits: dict, options: dict, expected: dict, annotations: dict, env: dict
+) -> None:
+    """Each project's keys and documented defaults become flexai's; nothing unknown is left in the pod."""
+    original = pod(container(limits=limits, requests=dict(limits)))
+    _, after = mutated(original, WebhookOptions(**options))
+    assert limits_of(after) == expected and limits_of(after, part="requests") == expected
+    got = after["metadata"].get("annotations") or {}
+    assert {k: v for k, v in got.items() if k != ANNOTATION_TRANSLATED} == annotations
+    assert {e["name"]: e["value"] for e in after["spec"]["containers"][0].get("env", [])} == env
+    assert review(admission(after), "validate", WebhookOptions(**options))["response"]["allowed"] is True
+
+
+def test_a_container_keeps_its_own_task_priority() -> None:
+    mine = container(limits={"nvidia.com/gpu": "1", "nvidia.com/gpucores": "30", "nvidia.com/priority": "1"})
+    mine["env"] = [{"name": "CUDA_TASK_PRIORITY", "value": "0"}]
+    _, after = mutated(pod(mine))
+    assert after["spec"]["containers"][0]["env"] == [{"name": "CUDA_TASK_PRIORITY", "value": "0"}]
+    assert "nvidia.com/priority" not in limits_of(after)
+
+
+def test_a_model_the_pod_names_itself_wins_over_huawei_vgpu_type() -> None:
+    obj = pod(
+        container(limits={"huawei.com/vgpu-number": "1", "huawei.com/vgpu-type.T4": "1"}),
+        annotations={ANNOTATION_MODEL: "A100"},
+    )
+    _, after = mutated(obj)
+    assert after["metadata"]["annotations"][ANNOTATION_MODEL] == "A100"
+    assert limits_of(after) == {RESOURCE_VXPU: "1"}
+
+
 def test_uid_is_echoed_and_patch_is_rfc6902() -> None:
     answer = review(admission(pod(container(limits=dict(FLEX_30))), uid="abc-123"), "mutate")
     assert answer["response"]["uid"] == "abc-123"
@@ -215,24 +387,53 @@ def test_annotations_created_when_pod_has_none() -> None:
     obj = pod(container(limits={"nvidia.com/gpu": "1", "nvidia.com/gpucores": "30"}))
     assert "annotations" not in obj["metadata"]
     _, after = mutated(obj)
-    assert after["metadata"]["annotations"] == {ANNOTATION_TRANSLATED: "hami"}
+    assert after["metadata"]["annotations"] == {
+        ANNOTATION_TRANSLATED: "hami",
+        ANNOTATION_MEMORY_PERCENTAGE: '{"main": 100}',
+    }
 
 
 def test_several_containers_and_conventions_in_one_pod() -> None:
     obj = pod(
-        container("a", limits={"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1000"}),
+        container("a", limits={"nvidia.com/gpu": "1", "nvidia.com/gpumem": "1024", "nvidia.com/gpucores": "20"}),
         container("sidecar", limits={"cpu": "100m"}),
-        container("b", limits={"volcano.sh/vgpu-number": "1", "volcano.sh/vgpu-cores": "20"}),
-        initContainers=[container("init", limits={"huawei.com/vgpu-number": "1", "huawei.com/vgpu-cores": "10"})],
+        container(
+            "b", limits={"volcano.sh/vgpu-number": "1", "volcano.sh/vgpu-cores": "20", "volcano.sh/vgpu-memory": "1024"}
+        ),
+        initContainers=[
+            container(
+                "init",
+                limits={
+                    "huawei.com/vgpu-number": "1",
+                    "huawei.com/vgpu-cores": "20",
+                    "huawei.com/vgpu-memory.1Gi": "1",
+                },
+            )
+        ],
     )
     _, after = mutated(obj)
-    assert limits_of(after, 0) == {RESOURCE_VXPU: "1", RESOURCE_MEMORY: "1000"}
+    slice_20 = {RESOURCE_VXPU: "1", RESOURCE_SHARE: "200", RESOURCE_MEMORY: "1024"}
+    assert limits_of(after, 0) == slice_20
     assert limits_of(after, 1) == {"cpu": "100m"}
-    assert limits_of(after, 2) == {RESOURCE_VXPU: "1", RESOURCE_SHARE: "200"}
-    assert after["spec"]["initContainers"][0]["resources"]["limits"] == {RESOURCE_VXPU: "1", RESOURCE_SHARE: "100"}
+    assert limits_of(after, 2) == slice_20
+    assert after["spec"]["initContainers"][0]["resources"]["limits"] == slice_20
     assert after["metadata"]["annotations"][ANNOTATION_TRANSLATED] == "hami,huawei,volcano"
     slices = inspect_pod(obj).slices
     assert [(s.container, s.convention) for s in slices] == [("init", "huawei"), ("a", "hami"), ("b", "volcano")]
+
+
+def test_containers_of_one_pod_with_different_slices_are_refused_at_creation() -> None:
+    """The extender gives every device of a pod the same slice: say so at creation, not by a pod that waits."""
+    obj = pod(
+        container("a", limits={"nvidia.com/gpu": "1", "nvidia.com/gpucores": "30", "nvidia.com/gpumem": "1000"}),
+        container("b", limits={"nvidia.com/gpu": "1", "nvidia.com/gpucores": "50", "nvidia.com/gpumem": "1000"}),
+    )
+    response = review(admission(obj), "mutate")["response"]
+    assert response["allowed"] is False and response["status"]["code"] == 422
+    assert (
+        "'a' 300m share and 1000 MiB, 'b' 500m share and 1000 MiB ask for different slices"
+        in (response["status"]["message"])
+    )
 
 
 def test_bare_nvidia_gpu_is_left_to_the_nvidia_device_plugin_by_default() -> None:
@@ -282,7 +483,10 @@ def test_annotation_keys_are_json_pointer_escaped() -> None:
     patch = json.loads(base64.b64decode(answer["response"]["patch"]))
     paths = [op["path"] for op in patch]
     assert "/metadata/annotations/flexai.io~1translated-from" in paths
-    assert apply_patch(obj, patch)["metadata"]["annotations"] == {ANNOTATION_TRANSLATED: "volcano"}
+    assert apply_patch(obj, patch)["metadata"]["annotations"] == {
+        ANNOTATION_TRANSLATED: "volcano",
+        ANNOTATION_MEMORY_PERCENTAGE: '{"main": 100}',
+    }
 
 
 UNTOUCHED = [
@@ -321,19 +525,21 @@ def test_other_kinds_operations_and_subresources_are_allowed_unchanged() -> None
 REFUSALS = [
     # (case, limits, options, status code, fragments the message must contain)
     ("share off step", {RESOURCE_VXPU: "1", RESOURCE_SHARE: "350"}, {}, 422, ["flexai.io/vxpu-share=350", "10 %"]),
-    ("hami cores off step", {"nvidia.com/gpu": "1", "nvidia.com/gpucores": "35"}, {}, 422, ["nvidia.com/gpucores=35"]),
     ("share zero", {RESOURCE_VXPU: "1", RESOURCE_SHARE: "0"}, {}, 422, ["flexai.io/vxpu-share=0", "1 % to 100 %"]),
     ("cores above 100", {"volcano.sh/vgpu-cores": "150"}, {}, 422, ["volcano.sh/vgpu-cores=150", "100 %"]),
     ("share off custom step", {RESOURCE_SHARE: "300"}, {"share_step_milli": 250}, 422, ["25 % share step"]),
     ("count zero", {RESOURCE_VXPU: "0"}, {}, 422, ["flexai.io/vxpu=0", "1 to 16"]),
     ("count above max", {"huawei.com/vgpu-number": "17"}, {}, 422, ["huawei.com/vgpu-number=17", "1 to 16"]),
     ("count above custom max", {RESOURCE_VXPU: "9"}, {"max_devices": 8}, 422, ["flexai.io/vxpu=9", "1 to 8"]),
+    ("hami cores negative", {"nvidia.com/gpu": "1", "nvidia.com/gpucores": "-10"}, {}, 422, ["gpucores=-10"]),
+    ("hami priority negative", {"nvidia.com/gpu": "1", "nvidia.com/priority": "-1"}, {}, 422, ["priority=-1"]),
+    ("vNPU of too many cores", {"huawei.com/Ascend310P-16c": "1"}, {}, 422, ["Ascend310P-16c", "1 to 8"]),
     (
-        "part of several devices",
-        {"nvidia.com/gpu": "2", "nvidia.com/gpucores": "50"},
+        "two vNPU templates",
+        {"huawei.com/Ascend910-2c": "1", "huawei.com/Ascend910-4c": "1"},
         {},
         422,
-        ["nvidia.com/gpucores=50", "nvidia.com/gpu=2", "1 device"],
+        ["several vNPU templates"],
     ),
     ("memory negative", {RESOURCE_VXPU: "1", RESOURCE_MEMORY: "-5"}, {}, 422, ["flexai.io/vxpu-memory=-5", "negative"]),
     (
@@ -407,7 +613,7 @@ def test_limits_and_requests_must_agree() -> None:
 def test_every_problem_is_named_once() -> None:
     obj = pod(
         container("a", limits={RESOURCE_VXPU: "0"}),
-        container("b", limits={"nvidia.com/gpucores": "35"}),
+        container("b", limits={"nvidia.com/gpucores": "150"}),
     )
     message = review(admission(obj), "validate")["response"]["status"]["message"]
     assert message.count("container 'a'") == 1 and message.count("container 'b'") == 1
@@ -521,7 +727,9 @@ def test_edge_shapes_of_pods_and_requests() -> None:
     del obj["metadata"]
     _, after = mutated(obj)
     assert limits_of(after, part="requests") == {"cpu": "1"}
-    assert after["metadata"] == {"annotations": {ANNOTATION_TRANSLATED: "volcano"}}
+    assert after["metadata"] == {
+        "annotations": {ANNOTATION_TRANSLATED: "volcano", ANNOTATION_MEMORY_PERCENTAGE: '{"main": 100}'}
+    }
     # containers that is not a list is skipped; a request naming only the resource is still a pod.
     odd = pod(container(limits=dict(FLEX_30)), initContainers={"not": "a list"})
     body = admission(odd)

@@ -117,6 +117,7 @@ class Extender:
         self._scheduler: Scheduler | None = None
         self._scheduler_version = -1
         self._layout_version = -1
+        self._last_rows: list[tuple[tuple[int, int], list[str], np.ndarray]] = []
         self.warned: set[str] = set()
         from flexai.k8s.metrics import SchedulerMetrics
 
@@ -208,7 +209,7 @@ class Extender:
             masks = self._masks(state, demand)
             feasible = np.logical_and.reduce(list(masks.values())) & live
             never = not feasible.any() and not self._ever_fits(state, demand, live)
-            rows = np.fromiter((cluster.index_of.get(n, -1) for n in candidates), dtype=np.int64, count=len(candidates))
+            rows = self._rows(candidates)
             known = rows >= 0
             ok = np.zeros(len(candidates), dtype=bool)
             ok[known] = feasible[rows[known]]
@@ -288,7 +289,7 @@ class Extender:
             if state is None or scheduler is None:
                 return zeros
             feasible = np.logical_and.reduce(list(self._masks(state, demand).values())) & cluster.live
-            rows = np.fromiter((cluster.index_of.get(n, -1) for n in candidates), dtype=np.int64, count=len(candidates))
+            rows = self._rows(candidates)
             known = rows >= 0
             consider = np.zeros(state.node_count, dtype=bool)
             consider[rows[known]] = True
@@ -305,20 +306,30 @@ class Extender:
                 if hold is not None:
                     hold.deadline = cluster.clock() + self.assume_ttl_s
                     cluster.hold(key, hold)
+        # The node held for the pod is the only top score (10); the other feasible nodes share 0..9.
         values = raw[index]
         low, high = float(values.min()), float(values.max())
-        out = []
-        for name, row in zip(candidates, rows.tolist(), strict=True):
-            if row < 0 or not consider[row]:
-                score = 0
-            elif row == best:
-                score = MAX_EXTENDER_PRIORITY
-            elif high == low:
-                score = MAX_EXTENDER_PRIORITY - 1
-            else:  # the others share 0..9: the node held for the pod is the only top score
-                score = int(round((MAX_EXTENDER_PRIORITY - 1) * (raw[row] - low) / (high - low)))
-            out.append({"Host": name, "Score": score})
-        return out
+        top = MAX_EXTENDER_PRIORITY - 1
+        scaled = np.full(state.node_count, top, dtype=np.int64)
+        if high > low:
+            scaled = np.rint(top * (raw - low) / (high - low)).astype(np.int64)
+        scaled[~consider] = 0
+        scaled[best] = MAX_EXTENDER_PRIORITY
+        scores = np.where(known, scaled[np.where(known, rows, 0)], 0).tolist()
+        return [{"Host": name, "Score": score} for name, score in zip(candidates, scores, strict=True)]
+
+    def _rows(self, candidates: list[str]) -> np.ndarray:
+        """Row of each candidate node (-1: none). kube-scheduler sends the same list call after call: the
+        last answer is kept while the rows stay as they were."""
+        stamp = (self.cluster.version, self.cluster.layout_version)
+        for i, (seen_stamp, seen, rows) in enumerate(self._last_rows):
+            if seen_stamp == stamp and len(seen) == len(candidates) and seen == candidates:
+                self._last_rows.insert(0, self._last_rows.pop(i))
+                return rows
+        index_of = self.cluster.index_of
+        rows = np.array([index_of.get(n, -1) for n in candidates], dtype=np.int64)
+        self._last_rows = [(stamp, candidates, rows), *self._last_rows[:3]]  # filter's and prioritize's lists
+        return rows
 
     def _plan(
         self, scheduler: Scheduler, state: ElasticState, demand: PodDemand, row: int, key: str, kind: str

@@ -5,43 +5,54 @@ flexai-scheduler``. Requests written in conventions users already have are trans
 to ``flexai.io/vxpu`` (devices), ``flexai.io/vxpu-share`` (milli per device) and ``flexai.io/vxpu-memory``
 (MiB per device), the original keys are removed, and the source is recorded in the pod annotation
 ``flexai.io/translated-from`` (``hami``, ``volcano``, ``huawei``; several comma-separated, sorted, when the
-containers of one pod use different ones):
+containers of one pod use different ones). The full table of translations and defaults, with the reason
+for each, is in docs/kubernetes.md ("The translation"); in short:
 
-===========  =============================  ==================================  ===========================
-convention   devices                        compute share per device            memory per device
-===========  =============================  ==================================  ===========================
-flexai       ``flexai.io/vxpu``             ``flexai.io/vxpu-share`` (milli)    ``flexai.io/vxpu-memory``
-hami         ``nvidia.com/gpu``             ``nvidia.com/gpucores`` (%)         ``nvidia.com/gpumem`` (MiB)
-                                                                                or ``nvidia.com/gpumem-
-                                                                                percentage`` (%)
-volcano      ``volcano.sh/vgpu-number``     ``volcano.sh/vgpu-cores`` (%)       ``volcano.sh/vgpu-memory``
-huawei       ``huawei.com/vgpu-number``     ``huawei.com/vgpu-cores`` (%)       ``huawei.com/vgpu-memory.1Gi``
-                                                                                (GiB units)
-===========  =============================  ==================================  ===========================
+===========  ==========================  ===============================  ==================================
+convention   devices (missing: 1)        compute share per device         memory per device
+===========  ==========================  ===============================  ==================================
+flexai       ``flexai.io/vxpu``          ``flexai.io/vxpu-share`` (milli, ``flexai.io/vxpu-memory`` (MiB;
+                                         on the step; missing: 1000)      missing: no quota)
+hami         ``nvidia.com/gpu``          ``nvidia.com/gpucores`` (%)      ``nvidia.com/gpumem`` (MiB) or
+                                                                          ``nvidia.com/gpumem-percentage``
+volcano      ``volcano.sh/vgpu-number``  ``volcano.sh/vgpu-cores`` (%)    ``volcano.sh/vgpu-memory`` (MiB) or
+                                                                          ``volcano.sh/vgpu-memory-percentage``
+huawei       ``huawei.com/vgpu-number``  ``huawei.com/vgpu-cores`` (%)    ``huawei.com/vgpu-memory.1Gi`` (GiB)
+huawei vNPU  ``huawei.com/Ascend<chip>-<N>c[.<M>cpu][.<G>g]``: the value is the number of vNPUs; share =
+             N AI cores of the chip's (910: 30, 910B: 20, 310P: 8); memory = G GiB, else the same fraction
+             of the device memory; device model ``Ascend<chip>*``
+===========  ==================================================================================================
 
 Rules of the translation (each one a decision, written down here and in docs/kubernetes.md):
 
-* A percent becomes milli: ``gpucores: 30`` -> ``vxpu-share: 300``.
-* A missing device count with a share or memory key means one device (HAMi's ``defaultGPUNum`` and
-  Volcano's behaviour); this holds for flexai's own names too (``vxpu: 1`` is added).
-* A missing share means flexai's default, the whole device (1000), unless ``WebhookOptions.default_share_milli``
-  is set. HAMi lets a pod without ``gpucores`` use the device's compute unbounded; flexai reserves shares,
-  so the closest honest translation is the whole device.
+* A percent becomes milli (``gpucores: 30`` -> ``vxpu-share: 300``) rounded **up** to the share step
+  (``gpucores: 25`` -> 300 with the 10 % step): the pod gets at least what it asked for.
+* Cores 0 or missing mean "no core limit" (HAMi's and Volcano's documented default): flexai reserves shares,
+  so that is the whole device (1000), unless ``WebhookOptions.default_share_milli`` sets another default
+  for a missing key.
+* Memory missing (neither MiB nor percentage) means the whole device's memory (HAMi's and Volcano's
+  documented default): 100 %. A percentage is resolved to MiB when ``WebhookOptions.device_memory_mib``
+  names the device memory of a uniform cluster; otherwise it is kept in the pod annotation
+  ``flexai.io/vxpu-memory-percentage`` (``{"<container>": percent}``), which the extender resolves against
+  each node's device memory.
+* A share below the whole device on several devices is allowed (as HAMi allows it): each device gets it.
+* ``nvidia.com/priority`` (HAMi's task priority) is removed from the resources and given to the container as
+  ``CUDA_TASK_PRIORITY`` (what HAMi's webhook does; HAMi-core reads it), in any container.
+* ``huawei.com/vgpu-type.<model>`` is removed and restricts the pod to device models matching ``*<model>*``
+  (annotation ``flexai.io/model``, unless the pod already has one).
 * A bare ``nvidia.com/gpu: N`` (no sharing key) is the plain NVIDIA device plugin's resource on most
   clusters and is left alone unless ``WebhookOptions.translate_bare_gpu`` is true (what HAMi does).
-* ``nvidia.com/gpumem-percentage`` is resolved to MiB when ``WebhookOptions.device_memory_mib`` names
-  the device memory of a uniform cluster; otherwise it is kept as the pod annotation
-  ``flexai.io/vxpu-memory-percentage`` (JSON object ``{"<container>": percent}``) and no memory
-  resource is written.
 * Memory quantities: a plain number is in the key's unit (MiB, or GiB for ``huawei.com/vgpu-memory.1Gi``);
   a number with a byte suffix (``8Gi``, ``500Mi``, ``2G``) is bytes and is rounded up to whole MiB.
   flexai's own keys written as byte quantities are rewritten as plain MiB.
+* Every device of one pod gets the same slice: containers of one pod asking for different shares or memory
+  are refused (the extender places one slice shape per pod).
 
 **Validate** (``POST /validate``): the same analysis, without patching; impossible requests are refused
 with one message per problem naming the container, the field, the value and what is allowed.
 
 Only ``CREATE`` of pods is looked at; everything else is allowed unchanged. Serving TLS is the caller's
-job, e.g. ``uvicorn.run(create_webhook_app(), host="0.0.0.0", port=8443, ssl_certfile=..., ssl_keyfile=...)``.
+job (``flexai k8s webhook`` uses ``flexai.k8s.tls``, which reloads a renewed certificate).
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -57,8 +69,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from flexai.k8s.names import (
+    ANNOTATION_MEMORY_PERCENTAGE,
+    ANNOTATION_MODEL,
     ANNOTATION_TRANSLATED,
-    PREFIX,
     RESOURCE_MEMORY,
     RESOURCE_SHARE,
     RESOURCE_VXPU,
@@ -70,12 +83,18 @@ from flexai.k8s.quantity import QuantityError
 from flexai.k8s.quantity import parse_quantity_with_suffix as parse_quantity
 from flexai.model.units import FULL_SHARE_MILLI
 
-ANNOTATION_MEMORY_PERCENTAGE = f"{PREFIX}/vxpu-memory-percentage"
-"""On a Pod: memory per device as a percent of the device's memory, per container (JSON), when the
-webhook could not resolve ``nvidia.com/gpumem-percentage`` to MiB."""
+__all__ = ["ANNOTATION_MEMORY_PERCENTAGE", "QuantityError", "parse_quantity"]
 
 ReviewKind = Literal["mutate", "validate"]
 MIB = 1 << 20
+HAMI_PRIORITY = "nvidia.com/priority"
+TASK_PRIORITY_ENV = "CUDA_TASK_PRIORITY"
+"""HAMi-core's task priority variable (0 high, 1 low): what HAMi's webhook turns nvidia.com/priority into."""
+HUAWEI_TYPE_PREFIX = "huawei.com/vgpu-type."
+ASCEND_VNPU = re.compile(r"^huawei\.com/Ascend(?P<chip>910B?|310P)-(?P<cores>[0-9]+)c(?P<rest>(\.[0-9A-Za-z_]+)*)$")
+ASCEND_AI_CORES = {"910": 30, "910B": 20, "310P": 8}
+"""AI cores of one chip, for the share of a vNPU template (the smallest of each family: the share is never
+less than the template's cores)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +110,7 @@ class WebhookOptions:
     translate_bare_gpu: bool = False
     """Translate ``nvidia.com/gpu: N`` without a sharing key to ``flexai.io/vxpu: N`` (HAMi does)."""
     device_memory_mib: int | None = None
-    """Memory of every device (uniform cluster): resolves ``nvidia.com/gpumem-percentage`` to MiB."""
+    """Memory of every device (uniform cluster): resolves memory percentages to MiB."""
     default_share_milli: int | None = None
     """Share given to a translated request without a cores key; None: the whole device."""
 
@@ -144,23 +163,43 @@ class Convention:
     memory: str
     memory_mib_per_unit: int
     memory_percentage: str | None = None
+    model_prefix: str | None = None
+    """Keys ``<prefix><model>`` restrict the device model (Huawei's ``huawei.com/vgpu-type.``)."""
 
     @property
     def keys(self) -> tuple[str, ...]:
         keys = (self.count, self.share, self.memory, self.memory_percentage)
         return tuple(k for k in keys if k)
 
+    def owns(self, key: str) -> bool:
+        return key in self.keys or bool(self.model_prefix and key.startswith(self.model_prefix))
+
 
 FLEXAI = Convention("flexai", RESOURCE_VXPU, RESOURCE_SHARE, 1, RESOURCE_MEMORY, 1)
 HAMI = Convention(
     "hami", "nvidia.com/gpu", "nvidia.com/gpucores", 10, "nvidia.com/gpumem", 1, "nvidia.com/gpumem-percentage"
 )
-VOLCANO = Convention("volcano", "volcano.sh/vgpu-number", "volcano.sh/vgpu-cores", 10, "volcano.sh/vgpu-memory", 1)
-HUAWEI = Convention("huawei", "huawei.com/vgpu-number", "huawei.com/vgpu-cores", 10, "huawei.com/vgpu-memory.1Gi", 1024)
+VOLCANO = Convention(
+    "volcano",
+    "volcano.sh/vgpu-number",
+    "volcano.sh/vgpu-cores",
+    10,
+    "volcano.sh/vgpu-memory",
+    1,
+    "volcano.sh/vgpu-memory-percentage",
+)
+HUAWEI = Convention(
+    "huawei",
+    "huawei.com/vgpu-number",
+    "huawei.com/vgpu-cores",
+    10,
+    "huawei.com/vgpu-memory.1Gi",
+    1024,
+    model_prefix=HUAWEI_TYPE_PREFIX,
+)
+ASCEND = Convention("huawei", "", "", 0, "", 0)
+"""Huawei's Ascend vNPU templates (``huawei.com/Ascend910-4c``): keys matched by ``ASCEND_VNPU``."""
 CONVENTIONS: tuple[Convention, ...] = (FLEXAI, HAMI, VOLCANO, HUAWEI)
-
-
-# ---------------------------------------------------------------------------------------------- quantities
 
 
 # ------------------------------------------------------------------------------------------------ analysis
@@ -190,6 +229,13 @@ class ContainerSlices:
     share_milli: int | None
     memory_mib: int | None
     memory_percentage: int | None = None
+    models: tuple[str, ...] = ()
+    """Device-model patterns the container's keys ask for (``flexai.io/model`` syntax)."""
+
+    @property
+    def slice_shape(self) -> tuple[int, int, int]:
+        """(share, MiB, percent) as the extender reads them (a missing share is the whole device)."""
+        return (self.share_milli or FULL_SHARE_MILLI, self.memory_mib or 0, self.memory_percentage or 0)
 
 
 @dataclass
@@ -259,81 +305,139 @@ def _resource_dicts(container: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {part: dict(resources[part]) for part in ("limits", "requests") if isinstance(resources.get(part), Mapping)}
 
 
+def _both(
+    reader: _ContainerReader, dicts: dict[str, dict[str, Any]], key: str, read: Any
+) -> tuple[_Value | None, bool]:
+    """One key read from limits and requests (they must agree where both are set): (value, ok)."""
+    seen: list[_Value] = []
+    ok = True
+    for part in ("limits", "requests"):
+        if key not in dicts.get(part, {}):
+            continue
+        value = read(key, dicts[part][key])
+        if value is None:
+            ok = False
+        else:
+            seen.append(value)
+    if len(seen) == 2 and seen[0].number != seen[1].number:
+        reader.error(
+            f"{key} is {_show(seen[0].raw)} in limits but {_show(seen[1].raw)} in requests "
+            "(allowed: the same value in both)"
+        )
+        return None, False
+    return (seen[0] if seen else None), ok
+
+
+@dataclass
+class _ContainerResult:
+    slices: ContainerSlices | None = None
+    ops: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _rewrite_resources(
+    dicts: dict[str, dict[str, Any]], path: tuple[str | int, ...], drop: set[str], wanted: dict[str, str]
+) -> list[dict[str, Any]]:
+    ops = []
+    for part, current in dicts.items():
+        if not set(current) & (drop | set(wanted)):
+            continue
+        updated = {k: v for k, v in current.items() if k not in drop}
+        updated.update(wanted)
+        if updated != current:
+            ops.append({"op": "replace", "path": _pointer(*path, "resources", part), "value": updated})
+    return ops
+
+
+def _priority_ops(
+    container: Mapping[str, Any], path: tuple[str | int, ...], reader: _ContainerReader, value: _Value | None
+) -> list[dict[str, Any]]:
+    """HAMi's task priority as the container's CUDA_TASK_PRIORITY (unless the container sets it itself)."""
+    if value is None:
+        return []
+    if value.number < 0:
+        reader.error(f"{value} is negative (allowed: 0 for high priority, 1 for low)")
+        return []
+    env = container.get("env")
+    entry = {"name": TASK_PRIORITY_ENV, "value": str(value.number)}
+    if not isinstance(env, list):
+        return [{"op": "add", "path": _pointer(*path, "env"), "value": [entry]}]
+    if any(isinstance(e, Mapping) and e.get("name") == TASK_PRIORITY_ENV for e in env):
+        return []
+    return [{"op": "add", "path": _pointer(*path, "env", "-"), "value": entry}]
+
+
 def _read_container(
     container: Mapping[str, Any], path: tuple[str | int, ...], review: PodReview, options: WebhookOptions
-) -> tuple[ContainerSlices | None, list[dict[str, Any]]]:
-    """Slices asked for by one container and the patch operations that rewrite its resources."""
+) -> _ContainerResult:
+    """Slices asked for by one container and the patch operations that rewrite it."""
     name = str(container.get("name", path[-1]))
     reader = _ContainerReader(review, options, f"container '{name}'")
     dicts = _resource_dicts(container)
     present = {key for d in dicts.values() for key in d}
-    used = [c for c in CONVENTIONS if present & set(c.keys)]
-    if not used:
-        return None
-    if len(used) > 1:
-        keys = ", ".join(sorted(present & {k for c in used for k in c.keys}))
-        names = " and ".join(c.name for c in used)
-        reader.error(f"{keys} mix the {names} conventions (allowed: one convention per container)")
-        return None
-    conv = used[0]
-    own = present & set(conv.keys)
-    if conv is HAMI and own == {HAMI.count} and not options.translate_bare_gpu:
-        return None  # the plain NVIDIA device plugin's resource
-
-    # Read every key of the convention from limits and requests; they must agree where both are set.
-    values: dict[str, _Value] = {}
+    result = _ContainerResult()
     errors_before = len(review.errors)
-    for key in conv.keys:
-        seen: list[_Value] = []
-        for part in ("limits", "requests"):
-            if key not in dicts.get(part, {}):
-                continue
-            raw = dicts[part][key]
-            if key == conv.memory:
-                value = reader.memory(key, raw, conv.memory_mib_per_unit)
-            elif key == conv.memory_percentage:
-                value = reader.integer(key, raw, "a whole percent from 1 to 100")
-            elif key == conv.share:
-                what = (
-                    "a whole percent such as 30"
-                    if conv.share_milli_per_unit == 10
-                    else "a whole number of milli such as 300"
-                )
-                value = reader.integer(key, raw, what)
-            else:
-                value = reader.integer(key, raw, f"a whole number of devices from 1 to {options.max_devices}")
-            if value is not None:
-                seen.append(value)
-        if len(seen) == 2 and seen[0].number != seen[1].number:
-            reader.error(
-                f"{key} is {_show(seen[0].raw)} in limits but {_show(seen[1].raw)} in requests "
-                "(allowed: the same value in both)"
-            )
-        elif seen:
-            values[key] = seen[0]
-    if len(review.errors) > errors_before:
-        return None
 
-    slices = _check(reader, conv, values, options)
-    if slices is None:
-        return None
-    slices = ContainerSlices(name, conv.name, *slices)
+    # HAMi's priority is no device request: strip it wherever it is, or the pod waits for it forever.
+    priority = None
+    if HAMI_PRIORITY in present:
+        priority, _ = _both(reader, dicts, HAMI_PRIORITY, lambda k, r: reader.integer(k, r, "0 (high) or 1 (low)"))
+    vnpu = sorted(k for k in present if ASCEND_VNPU.match(k))
+    used = [c for c in CONVENTIONS if any(c.owns(k) for k in present)] + ([ASCEND] if vnpu else [])
+    if len(used) > 1:
+        keys = ", ".join(sorted(k for k in present if any(c.owns(k) for c in used) or k in vnpu))
+        names_ = " and ".join("huawei vNPU" if c is ASCEND else c.name for c in used)
+        reader.error(f"{keys} mix the {names_} conventions (allowed: one convention per container)")
+        return result
+    result.ops += _priority_ops(container, path, reader, priority)
+    if not used:
+        if HAMI_PRIORITY in present:
+            result.ops += _rewrite_resources(dicts, path, {HAMI_PRIORITY}, {})
+        return result
+    conv = used[0]
+    own = {k for k in present if conv.owns(k)}
+    if conv is HAMI and own == {HAMI.count} and not options.translate_bare_gpu:
+        result.ops += _rewrite_resources(dicts, path, {HAMI_PRIORITY}, {})
+        return result  # the plain NVIDIA device plugin's resource
+
+    if conv is ASCEND:
+        checked = _check_vnpu(reader, dicts, vnpu, options)
+    else:
+        values: dict[str, _Value] = {}
+        for key in conv.keys:
+            if key == conv.memory:
+                read: Any = lambda k, r: reader.memory(k, r, conv.memory_mib_per_unit)  # noqa: E731
+            elif key == conv.memory_percentage:
+                read = lambda k, r: reader.integer(k, r, "a whole percent from 1 to 100")  # noqa: E731
+            elif key == conv.share:
+                what = "a whole percent such as 30" if conv.share_milli_per_unit == 10 else "a whole number of milli"
+                read = lambda k, r, what=what: reader.integer(k, r, what)  # noqa: E731
+            else:
+                read = lambda k, r: reader.integer(k, r, f"a whole number of devices from 1 to {options.max_devices}")  # noqa: E731
+            value, _ = _both(reader, dicts, key, read)
+            if value is not None:
+                values[key] = value
+        prefix = conv.model_prefix or ""
+        models = tuple(sorted(f"*{k[len(prefix) :]}*" for k in own if prefix and k.startswith(prefix)))
+        checked = None if len(review.errors) > errors_before else _check(reader, conv, values, options)
+        if checked is not None:
+            checked = (*checked, models)
+    if checked is None or len(review.errors) > errors_before:
+        return result
+    count, share, memory, percentage, models = checked
+    result.slices = ContainerSlices(name, conv.name, count, share, memory, percentage, models)
 
     # The container's new resources: the convention's keys out, flexai's canonical keys in.
-    wanted = {RESOURCE_VXPU: str(slices.count)}
-    if slices.share_milli is not None:
-        wanted[RESOURCE_SHARE] = str(slices.share_milli)
-    if slices.memory_mib is not None:
-        wanted[RESOURCE_MEMORY] = str(slices.memory_mib)
-    ops: list[dict[str, Any]] = []
-    for part, current in dicts.items():
-        if not set(current) & set(conv.keys):
-            continue
-        updated = {k: v for k, v in current.items() if k not in conv.keys}
-        updated.update(wanted)
-        if updated != current:
-            ops.append({"op": "replace", "path": _pointer(*path, "resources", part), "value": updated})
-    return slices, ops
+    wanted = {RESOURCE_VXPU: str(count)}
+    if share is not None:
+        wanted[RESOURCE_SHARE] = str(share)
+    if memory is not None:
+        wanted[RESOURCE_MEMORY] = str(memory)
+    result.ops += _rewrite_resources(dicts, path, own | set(vnpu) | {HAMI_PRIORITY}, wanted)
+    return result
+
+
+def _to_step(milli: int, step: int) -> int:
+    return min(FULL_SHARE_MILLI, -(-milli // step) * step)
 
 
 def _check(
@@ -354,24 +458,23 @@ def _check(
     share_value = values.get(conv.share)
     if share_value is not None:
         share = share_value.number * conv.share_milli_per_unit
-        if conv.share_milli_per_unit == 1:
+        if conv is FLEXAI:
             allowed = f"{step} to 1000 milli in steps of {step}, i.e. {step / 10:g} % to 100 %"
+            if not 1 <= share <= FULL_SHARE_MILLI:
+                reader.error(f"{share_value} is outside 1 % to 100 % of a device (allowed: {allowed})")
+                ok = False
+            elif share % step:
+                reader.error(f"{share_value} is not on the {step / 10:g} % share step (allowed: {allowed})")
+                ok = False
+        elif not 0 <= share <= FULL_SHARE_MILLI:
+            reader.error(f"{share_value} is outside 0 % to 100 % of a device (allowed: 0 (no limit) to 100 %)")
+            ok = False
+        elif share == 0:
+            share = FULL_SHARE_MILLI  # "no core limit": the whole device's share
         else:
-            allowed = f"{step / 10:g} % to 100 % in steps of {step / 10:g} %"
-        if not 1 <= share <= FULL_SHARE_MILLI:
-            reader.error(f"{share_value} is outside 1 % to 100 % of a device (allowed: {allowed})")
-            ok = False
-        elif share % step:
-            reader.error(f"{share_value} is not on the {step / 10:g} % share step (allowed: {allowed})")
-            ok = False
+            share = _to_step(share, step)  # rounded up to the step: never less than asked
     elif conv is not FLEXAI and options.default_share_milli is not None:
         share = options.default_share_milli
-    if ok and share is not None and share < FULL_SHARE_MILLI and count > 1:
-        reader.error(
-            f"{share_value or f'default share {share}'} with {count_value} asks for part of several devices "
-            "(allowed: a share below the whole device on 1 device, or the whole device on several)"
-        )
-        ok = False
 
     memory = None
     memory_value = values.get(conv.memory)
@@ -398,13 +501,49 @@ def _check(
         elif not 1 <= percentage_value.number <= 100:
             reader.error(f"{percentage_value} is outside 1 to 100 (allowed: a whole percent from 1 to 100)")
             ok = False
-        elif options.device_memory_mib is not None:
-            memory = options.device_memory_mib * percentage_value.number // 100
         else:
             percentage = percentage_value.number
+    elif memory_value is None and conv is not FLEXAI:
+        percentage = 100  # HAMi's and Volcano's default: the whole device's memory
+    if percentage is not None and options.device_memory_mib is not None:
+        memory, percentage = options.device_memory_mib * percentage // 100, None
     if not ok:
         return None
     return count, share, memory, percentage
+
+
+def _check_vnpu(
+    reader: _ContainerReader, dicts: dict[str, dict[str, Any]], keys: list[str], options: WebhookOptions
+) -> tuple[int, int | None, int | None, int | None, tuple[str, ...]] | None:
+    """An Ascend vNPU template (``huawei.com/Ascend910-4c``, ``huawei.com/Ascend310P-2c.1cpu``...)."""
+    if len(keys) > 1:
+        reader.error(f"{', '.join(keys)} are several vNPU templates (allowed: one per container)")
+        return None
+    key = keys[0]
+    match = ASCEND_VNPU.match(key)
+    assert match is not None
+    value, ok = _both(reader, dicts, key, lambda k, r: reader.integer(k, r, "a whole number of vNPUs"))
+    if value is None or not ok:
+        return None
+    if not 1 <= value.number <= options.max_devices:
+        reader.error(f"{value} is not a device count flexai can grant (allowed: 1 to {options.max_devices} vNPUs)")
+        return None
+    total = ASCEND_AI_CORES[match["chip"]]
+    cores = int(match["cores"])
+    if not 1 <= cores <= total:
+        reader.error(f"{key} asks for {cores} AI cores (allowed: 1 to {total} on an Ascend{match['chip']})")
+        return None
+    share = _to_step(-(-cores * FULL_SHARE_MILLI // total), options.share_step_milli)
+    memory = percentage = None
+    for part in match["rest"].split(".")[1:]:
+        gib = re.fullmatch(r"([0-9]+)g", part)
+        if gib:
+            memory = int(gib[1]) * 1024
+    if memory is None:
+        percentage = max(1, cores * 100 // total)
+        if options.device_memory_mib is not None:
+            memory, percentage = options.device_memory_mib * percentage // 100, None
+    return value.number, share, memory, percentage, (f"Ascend{match['chip']}*",)
 
 
 def inspect_pod(pod: object, options: WebhookOptions | None = None) -> PodReview:
@@ -416,7 +555,7 @@ def inspect_pod(pod: object, options: WebhookOptions | None = None) -> PodReview
         review.malformed = True
         return review
     spec = pod["spec"]
-    resource_ops: list[dict[str, Any]] = []
+    container_ops: list[dict[str, Any]] = []
     for list_name in ("initContainers", "containers"):
         containers = spec.get(list_name) or []
         if not isinstance(containers, list):
@@ -425,21 +564,32 @@ def inspect_pod(pod: object, options: WebhookOptions | None = None) -> PodReview
             if not isinstance(container, Mapping):
                 continue
             result = _read_container(container, ("spec", list_name, index), review, options)
-            if result is None:
-                continue
-            slices, ops = result
-            review.slices.append(slices)
-            resource_ops.extend(ops)
-    if review.errors or not review.slices:
+            if result.slices is not None:
+                review.slices.append(result.slices)
+            container_ops.extend(result.ops)
+    shapes = {s.slice_shape for s in review.slices}
+    if not review.errors and len(shapes) > 1:
+        described = ", ".join(
+            f"'{s.container}' {s.slice_shape[0]}m share and "
+            + (f"{s.memory_percentage} % of the memory" if s.memory_percentage else f"{s.memory_mib or 0} MiB")
+            for s in review.slices
+        )
+        review.errors.append(
+            f"containers {described} ask for different slices (allowed: the same share and memory per device in "
+            "every container of one pod)"
+        )
+    if review.errors:
         return review
-
-    review.asks_flexai = True
-    review.translated_from = tuple(sorted({s.convention for s in review.slices} - {"flexai"}))
+    metadata = pod.get("metadata") if isinstance(pod.get("metadata"), Mapping) else None
+    existing = metadata.get("annotations") if metadata is not None else None
     patch: list[dict[str, Any]] = []
-    if spec.get("schedulerName") != SCHEDULER_NAME:
-        op = "replace" if "schedulerName" in spec else "add"
-        patch.append({"op": op, "path": "/spec/schedulerName", "value": SCHEDULER_NAME})
-    patch.extend(resource_ops)
+    if review.slices:
+        review.asks_flexai = True
+        review.translated_from = tuple(sorted({s.convention for s in review.slices} - {"flexai"}))
+        if spec.get("schedulerName") != SCHEDULER_NAME:
+            op = "replace" if "schedulerName" in spec else "add"
+            patch.append({"op": op, "path": "/spec/schedulerName", "value": SCHEDULER_NAME})
+    patch.extend(container_ops)
 
     annotations: dict[str, str] = {}
     if review.translated_from:
@@ -447,8 +597,9 @@ def inspect_pod(pod: object, options: WebhookOptions | None = None) -> PodReview
     percentages = {s.container: s.memory_percentage for s in review.slices if s.memory_percentage is not None}
     if percentages:
         annotations[ANNOTATION_MEMORY_PERCENTAGE] = json.dumps(percentages, sort_keys=True)
-    metadata = pod.get("metadata") if isinstance(pod.get("metadata"), Mapping) else None
-    existing = metadata.get("annotations") if metadata is not None else None
+    models = sorted({m for s in review.slices for m in s.models})
+    if models and not (isinstance(existing, Mapping) and existing.get(ANNOTATION_MODEL)):
+        annotations[ANNOTATION_MODEL] = "|".join(models)
     if annotations:
         if metadata is None:
             patch.append({"op": "add", "path": "/metadata", "value": {"annotations": annotations}})
