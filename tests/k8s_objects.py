@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import time
+from collections.abc import Callable
 
 from flexai.k8s import names
+from flexai.k8s.extender import ApiError
 
 
 def node(
@@ -119,3 +122,27 @@ def hami_pod(name: str, share_pct: int, memory_mib: int) -> dict:
         },
         "status": {"phase": "Pending"},
     }
+
+
+class FakeApi:
+    """An in-process API server for the extender: pods/binding applies nodeName and the Binding's annotations,
+    and the bound pod is handed to ``watch`` (the informer's event) right away."""
+
+    def __init__(self, pods: list[dict], watch: Callable[[dict], None] | None = None) -> None:
+        self.pods = {p["metadata"]["name"]: copy.deepcopy(p) for p in pods}
+        self.watch = watch
+
+    def get_pod(self, namespace: str, name: str) -> dict:
+        return copy.deepcopy(self.pods[name])
+
+    def bind_pod(self, namespace: str, name: str, uid: str, node_name: str, annotations: dict | None = None) -> None:
+        stored = self.pods[name]
+        if stored["spec"].get("nodeName"):
+            raise ApiError(409, "pod is already assigned")
+        stored["spec"]["nodeName"] = node_name
+        stored["metadata"]["annotations"] = {**stored["metadata"].get("annotations", {}), **(annotations or {})}
+        if self.watch is not None:
+            self.watch(copy.deepcopy(stored))
+
+    def create_event(self, *args: object, **kwargs: object) -> None:
+        return None

@@ -13,7 +13,7 @@ import queue
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import asdict
 
@@ -433,3 +433,176 @@ def test_registers_when_the_kubelet_appears_later(
         assert eventually(lambda: plugin.registrations == 1 and plugin.registered)
     finally:
         late.stop()
+
+
+# -- pods with devices in several containers, placed by the extender ------------------------------------------
+
+
+class MiniKubelet:
+    """The kubelet's device manager as far as admitting one pod goes: per container (init containers first),
+    the slots an init container held are handed on first (lowest IDs first), the rest are chosen with
+    GetPreferredAllocation among the free slots, then Allocate is called for that container alone."""
+
+    def __init__(self, stub: api_pb2_grpc.DevicePluginStub, slots: list[str]) -> None:
+        self.stub = stub
+        self.free = set(slots)
+
+    def admit(self, containers: list[tuple[str, int, bool]]) -> list[api_pb2.ContainerAllocateResponse]:
+        reusable: set[str] = set()
+        answers = []
+        for _, count, init in containers:
+            got = sorted(reusable)[:count]
+            if len(got) < count:
+                preferred = prefer(self.stub, sorted(self.free | set(got)), count, must=tuple(got))
+                got += [d for d in preferred if d in self.free][: count - len(got)]
+            self.free -= set(got)
+            answers.append(allocate(self.stub, *got))
+            reusable = reusable | set(got) if init else reusable - set(got)
+        return answers
+
+
+def placed_by_the_extender(the_pod: dict) -> tuple[PendingPlacement, list[int]]:
+    """Filter, prioritize and bind ``the_pod`` with the extender on NODE (the sim devices); its placement."""
+    from flexai.k8s.cluster import KubeCluster
+    from flexai.k8s.extender import Extender
+    from tests.k8s_objects import FakeApi
+
+    inventory = names.Inventory(
+        tuple(names.InventoryDevice(i, f"SIM-A100-{i}", "A100", 81920) for i in range(2)), heartbeat=time.time()
+    )
+    cluster = KubeCluster()
+    cluster.upsert_node(
+        {
+            "metadata": {"name": NODE, "annotations": {names.ANNOTATION_INVENTORY: inventory.to_json()}},
+            "status": {"allocatable": {"cpu": "64", "memory": "256Gi"}},
+        }
+    )
+    api = FakeApi([the_pod], watch=cluster.upsert_pod)
+    extender = Extender(cluster, api)
+    meta = the_pod["metadata"]
+    assert extender.filter({"pod": the_pod, "nodenames": [NODE]})["NodeNames"] == [NODE]
+    bound = extender.bind({"podName": meta["name"], "podNamespace": "default", "podUID": meta["uid"], "node": NODE})
+    assert bound == {"Error": ""}
+    state = cluster.state
+    assert state is not None
+    held = [1000 - int(v) for v in state.free_share_milli[cluster.index_of[NODE], :2]]
+    raw = api.pods[meta["name"]]["metadata"]["annotations"][names.ANNOTATION_PLACEMENT]
+    return PendingPlacement(f"default/{meta['name']}", meta["uid"], names.Placement.from_json(raw)), held
+
+
+def multi_container_pod(init: list[int], apps: list[int], share: int) -> dict:
+    def container(name: str, count: int) -> dict:
+        limits = {names.RESOURCE_VXPU: str(count), names.RESOURCE_SHARE: str(share)}
+        return {"name": name, "image": "busybox", "resources": {"limits": limits}}
+
+    return {
+        "metadata": {"name": "multi", "namespace": "default", "uid": "uid-multi", "annotations": {}},
+        "spec": {
+            "schedulerName": names.SCHEDULER_NAME,
+            "initContainers": [container(f"init{i}", n) for i, n in enumerate(init)],
+            "containers": [container(f"app{i}", n) for i, n in enumerate(apps)],
+        },
+        "status": {"phase": "Pending"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("init", "apps", "held"),
+    [
+        ([], [1, 1], [500, 500]),  # two app containers: one device each
+        ([1], [1, 1], [500, 500]),  # max(1, 1 + 1) = 2 devices; the init container's device goes on to app0
+        ([2], [1], [500, 500]),  # max(2, 1) = 2 devices; app0 gets one of the init container's
+    ],
+    ids=["two-apps", "init-then-two-apps", "init-larger-than-apps"],
+)
+def test_devices_in_several_containers_are_allocated_container_by_container(
+    plugin: DevicePluginServer,
+    stub: api_pb2_grpc.DevicePluginStub,
+    pods: dict[str, PendingPlacement],
+    init: list[int],
+    apps: list[int],
+    held: list[int],
+) -> None:
+    pending, ledger = placed_by_the_extender(multi_container_pod(init, apps, 500))
+    assert ledger == held  # Kubernetes' effective request: max(largest init container, sum of app containers)
+    pods[pending.uid] = pending
+    containers = [(f"init{i}", n, True) for i, n in enumerate(init)] + [
+        (f"app{i}", n, False) for i, n in enumerate(apps)
+    ]
+    answers = MiniKubelet(stub, all_slots(GPU0, GPU1)).admit(containers)
+    devices = [[s["uuid"] for s in json.loads(a.envs["FLEXAI_SLICES"])] for a in answers]
+    assert [len(d) for d in devices] == [n for _, n, _ in containers]
+    assert all(a.envs["FLEXAI_JOB_ID"] == "default/multi" for a in answers)
+    assert all(s["share_milli"] == 500 for a in answers for s in json.loads(a.envs["FLEXAI_SLICES"]))
+    app_devices = [u for d in devices[len(init) :] for u in d]
+    assert len(app_devices) == len(set(app_devices))  # app containers never share a slice
+    for d in devices[: len(init)]:
+        assert set(d) <= {GPU0, GPU1}  # init containers run on the pod's own devices
+    if init:
+        assert devices[len(init)][0] in devices[0]  # the init container's device is handed on
+
+
+# -- NVIDIA visibility --------------------------------------------------------------------------------------------
+
+
+class FakeNvidia(DeviceBackend):
+    """Two NVIDIA GPUs, as NVML would list them (no NVML here)."""
+
+    name = "nvidia"
+    visibility_variable = "CUDA_VISIBLE_DEVICES"
+    uuids = ("GPU-8a1b2c3d-0000-4000-8000-000000000000", "GPU-8a1b2c3d-0000-4000-8000-000000000001")
+
+    def available(self) -> tuple[bool, str]:
+        return True, ""
+
+    def devices(self) -> list[DeviceInfo]:
+        return [DeviceInfo("nvidia", i, u, "A100-SXM4-80GB", 81920, True) for i, u in enumerate(self.uuids)]
+
+    def process_memory_mib(self, device: int | DeviceInfo) -> dict[int, int]:
+        return {}
+
+    def visibility_env(self, indices: Sequence[int], uuids: Sequence[str]) -> dict[str, str]:
+        return {self.visibility_variable: ",".join(uuids)}
+
+
+@pytest.mark.parametrize("strategy", ["envvar", "cdi-annotations"])
+def test_nvidia_containers_are_given_their_gpus_by_the_device_list_strategy(
+    kubelet: FakeKubelet, socket_dir: str, pods: dict[str, PendingPlacement], strategy: str
+) -> None:
+    backend = FakeNvidia()
+    gpu = backend.uuids[1]
+    plugin = DevicePluginServer(
+        backend,
+        backend.devices(),
+        placement_lookup=lambda: list(pods.values()),
+        socket_dir=socket_dir,
+        node_name=NODE,
+        device_list_strategy=strategy,
+    )
+    plugin.start()
+    try:
+        kubelet.next_request()
+        grant = names.Placement(NODE, (names.SliceGrant(1, gpu, 300, 8192),))
+        pods["uid-train"] = PendingPlacement("default/train", "uid-train", grant)
+        with grpc.insecure_channel(f"unix://{plugin.socket_path}") as channel:
+            answer = allocate(api_pb2_grpc.DevicePluginStub(channel), slot_id(gpu, 4))
+    finally:
+        plugin.stop()
+    assert answer.envs["CUDA_VISIBLE_DEVICES"] == gpu
+    if strategy == "envvar":  # for the NVIDIA container runtime, as NVIDIA's device plugin does by default
+        assert answer.envs["NVIDIA_VISIBLE_DEVICES"] == gpu and not answer.annotations
+    else:  # for a CDI-enabled runtime: the CDI device of that GPU (from `nvidia-ctk cdi generate`)
+        assert "NVIDIA_VISIBLE_DEVICES" not in answer.envs
+        assert dict(answer.annotations) == {"cdi.k8s.io/flexai_uid-train-0": f"nvidia.com/gpu={gpu}"}
+
+
+def test_the_device_list_strategy_is_checked(sim: tuple[DeviceBackend, list[DeviceInfo]]) -> None:
+    from typer.testing import CliRunner
+
+    from flexai.cli.main import app
+
+    backend, devices = sim
+    with pytest.raises(ValueError, match="device_list_strategy='volume-mounts' is not allowed"):
+        DevicePluginServer(backend, devices, placement_lookup=list, device_list_strategy="volume-mounts")
+    done = CliRunner().invoke(app, ["k8s", "agent", "--node-name", "n1", "--device-list-strategy", "volume-mounts"])
+    assert done.exit_code == 2 and "--device-list-strategy 'volume-mounts' is not allowed" in done.output

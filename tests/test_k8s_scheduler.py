@@ -3,12 +3,11 @@ serves list+watch and injects 409 Conflict, 410 Gone and 500."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -18,7 +17,7 @@ from flexai.k8s.cluster import KubeCluster, PodRecord
 from flexai.k8s.extender import Extender, create_extender_app
 from flexai.k8s.service import SchedulerService
 from tests.fake_apiserver import FakeApiServer
-from tests.k8s_objects import node, pod
+from tests.k8s_objects import FakeApi, node, pod
 from tests.pool_helpers import wait_for
 
 
@@ -378,33 +377,6 @@ def test_translated_requests_are_placed(case: str, limits: dict, annotations: di
 
 
 # ----------------------------------------------------------------------------- the filter/bind race
-
-
-class FakeApi:
-    """An in-process API server for the extender: pods/binding applies nodeName and the Binding's annotations,
-    and the bound pod is handed to ``watch`` (the informer's event) right away."""
-
-    def __init__(self, pods: list[dict], watch: Callable[[dict], None] | None = None) -> None:
-        self.pods = {p["metadata"]["name"]: copy.deepcopy(p) for p in pods}
-        self.watch = watch
-        self.patches = 0
-
-    def get_pod(self, namespace: str, name: str) -> dict:
-        return copy.deepcopy(self.pods[name])
-
-    def bind_pod(self, namespace: str, name: str, uid: str, node_name: str, annotations: dict | None = None) -> None:
-        from flexai.k8s.extender import ApiError
-
-        stored = self.pods[name]
-        if stored["spec"].get("nodeName"):
-            raise ApiError(409, "pod is already assigned")
-        stored["spec"]["nodeName"] = node_name
-        stored["metadata"]["annotations"] = {**stored["metadata"].get("annotations", {}), **(annotations or {})}
-        if self.watch is not None:
-            self.watch(copy.deepcopy(stored))
-
-    def create_event(self, *args: object, **kwargs: object) -> None:
-        return None
 
 
 def schedule(extender: Extender, the_pod: dict, node_names: list[str]) -> dict:
