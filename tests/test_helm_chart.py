@@ -37,6 +37,8 @@ ALLOWED_KINDS = {
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
     ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration"),
     ("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration"),
+    ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy"),
+    ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding"),
     ("cert-manager.io/v1", "Certificate"),
     ("cert-manager.io/v1", "Issuer"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
@@ -200,6 +202,8 @@ def render_simple(path: Path, values: dict[str, Any]) -> str:
             return "flexai"
         if expr in ('include "flexai.fullname" .', "$fullname"):
             return FULLNAME
+        if expr == 'include "flexai.labels" . | nindent 4':  # pragma: no cover - covered by the regex below
+            return ""
         nindent = re.fullmatch(r'include "flexai\.(?:selector)?[lL]abels" \. \| nindent (\d+)', expr)
         if nindent:
             return "\n" + " " * int(nindent.group(1)) + "app.kubernetes.io/name: flexai"
@@ -246,7 +250,9 @@ def check_kube_scheduler_config(config: dict[str, Any], values: dict[str, Any]) 
     assert extender["prioritizeVerb"] == "prioritize"
     assert extender["bindVerb"] == "bind"
     assert extender["weight"] == values["scheduler"]["extender"]["weight"]
-    assert extender["nodeCacheCapable"] is False
+    # kube-scheduler sends node names only; the extender's own list+watch is the source of truth.
+    assert extender["nodeCacheCapable"] is True
+    assert config["percentageOfNodesToScore"] == values["scheduler"]["percentageOfNodesToScore"] == 100
     assert extender["enableHTTPS"] is False
     managed = {r["name"]: r["ignoredByScheduler"] for r in extender["managedResources"]}
     assert managed == {names.RESOURCE_VXPU: False, names.RESOURCE_SHARE: True, names.RESOURCE_MEMORY: True}
@@ -290,10 +296,11 @@ def test_rbac_is_least_privilege(values: dict[str, Any]) -> None:
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     ]
+    # The extender binds with the placement in the Binding: it patches no pod.
     scheduler = {(r["resources"][0], tuple(r["verbs"])) for r in rules_of(docs, "ClusterRole", "-scheduler")}
     assert scheduler == {
         ("nodes", ("get", "list", "watch")),
-        ("pods", ("get", "list", "watch", "patch")),
+        ("pods", ("get", "list", "watch")),
         ("pods/binding", ("create",)),
         ("events", ("create",)),
     }
@@ -307,6 +314,46 @@ def test_rbac_is_least_privilege(values: dict[str, Any]) -> None:
     assert subjects <= {a["metadata"]["name"] for a in accounts}
     webhook_sa = [a for a in accounts if a["metadata"]["name"].endswith("-webhook")]
     assert webhook_sa and webhook_sa[0]["automountServiceAccountToken"] is False
+
+
+def test_agents_may_change_only_their_own_node(values: dict[str, Any]) -> None:
+    """RBAC lets agents patch nodes; the admission policy keeps each to its own Node's inventory annotation."""
+    docs = load_docs(render_simple(TEMPLATES / "rbac.yaml", values))
+    (policy,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+    (binding,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    assert spec["matchConstraints"]["resourceRules"] == [
+        {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"], "resources": ["nodes"]}
+    ]
+    (who,) = spec["matchConditions"]
+    assert (
+        who["expression"]
+        == f"request.userInfo.username == 'system:serviceaccount:{RELEASE_NAMESPACE}:{FULLNAME}-agent'"
+    )
+    variables = {v["name"]: v["expression"] for v in spec["variables"]}
+    assert "request.userInfo.extra['authentication.kubernetes.io/node-name'][0]" in variables["nodeName"]
+    rules = [v["expression"] for v in spec["validations"]]
+    assert rules[0] == "variables.nodeName == object.metadata.name"
+    assert "k == 'flexai.io/inventory'" in rules[1] and names.ANNOTATION_INVENTORY == "flexai.io/inventory"
+    assert "object.spec == oldObject.spec" in rules[2]
+    assert values["rbac"]["agentOwnNodePolicy"] is True
+
+
+def test_agent_and_extender_flags_follow_the_values(values: dict[str, Any]) -> None:
+    from flexai.k8s.deviceplugin.plugin import DEVICE_LIST_STRATEGIES
+
+    agent = (TEMPLATES / "agent-daemonset.yaml").read_text()
+    assert "- --device-list-strategy\n            - {{ .Values.agent.deviceListStrategy | quote }}" in agent
+    assert values["agent"]["deviceListStrategy"] in DEVICE_LIST_STRATEGIES
+    scheduler = (TEMPLATES / "scheduler-deployment.yaml").read_text()
+    assert "- --assume-ttl\n            - {{ .Values.scheduler.extender.assumeTTLSeconds | quote }}" in scheduler
+    assert "- --inventory-timeout\n            - {{ .Values.scheduler.extender.inventoryTimeoutSeconds | quote }}" in (
+        scheduler
+    )
+    limits = values["scheduler"]["extender"]["resources"]["limits"]
+    assert limits["memory"] == "1Gi"  # the measured footprint at 150,000 pods fits (BENCHMARKS.md)
 
 
 def test_webhook_configurations_call_the_webhook_paths() -> None:
