@@ -15,6 +15,8 @@ from importlib import resources
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.datastructures import MutableHeaders
@@ -267,6 +269,23 @@ class GuardMiddleware:
         await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
 
 
+def _printable(value: object) -> object:
+    """``value`` with every string made encodable: a lone surrogate (which UTF-8 cannot carry) becomes the
+    text of its escape, so that echoing bad input back can never fail."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}  # type: ignore[misc]
+    return value
+
+
+async def _refused(request: Request, exc: Exception) -> JSONResponse:
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else [{"msg": str(exc)}]
+    return JSONResponse({"detail": _printable(jsonable_encoder(errors))}, status_code=422)
+
+
 def create_app(pool: Pool, lock: threading.RLock, token: str | None = None) -> FastAPI:
     app = FastAPI(
         title="flexai pool",
@@ -276,6 +295,7 @@ def create_app(pool: Pool, lock: threading.RLock, token: str | None = None) -> F
         redoc_url=None,
     )
     app.add_middleware(GuardMiddleware)
+    app.add_exception_handler(RequestValidationError, _refused)
 
     def authorise(request: Request) -> None:
         if token is None:
