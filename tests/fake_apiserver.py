@@ -152,6 +152,16 @@ class FakeApiServer:
                 else:
                     obj[key] = value
 
+        @app.post("/api/v1/namespaces/{ns}/pods", status_code=201)
+        def create_pod(ns: str, body: dict = Body(...)) -> Any:  # noqa: B008
+            body.setdefault("metadata", {})["namespace"] = ns
+            key = f"{ns}/{body['metadata']['name']}"
+            with server.lock:
+                if key in server.pods:
+                    return JSONResponse({"kind": "Status", "code": 409, "message": "exists"}, 409)
+            server.add_pod(body)
+            return copy.deepcopy(server.pods[key])
+
         @app.patch("/api/v1/namespaces/{ns}/pods/{name}")
         async def patch_pod(ns: str, name: str, request: Request) -> dict:
             patch = json.loads(await request.body())

@@ -136,6 +136,8 @@ class Placement:
             raise ValueError("placement must be an object with a node and a list of slices")
         if not isinstance(data.get("containers", []), list):
             raise ValueError("placement.containers must be a list")
+        if "node" not in data:
+            raise ValueError("placement is malformed: no 'node'")
         try:
             slices = tuple(
                 SliceGrant(int(s["device"]), str(s["uuid"]), int(s["share_milli"]), int(s["memory_mib"]))
@@ -150,8 +152,4 @@ class Placement:
         for c in containers:
             if any(not 0 <= i < len(slices) for i in c.slices):
                 raise ValueError(f"placement is malformed: container {c.name!r} names a slice that does not exist")
-        return cls(node=str(data["node"]) if "node" in data else _missing("node"), slices=slices, containers=containers)
-
-
-def _missing(key: str) -> str:
-    raise ValueError(f"placement is malformed: no {key!r}")
+        return cls(node=str(data["node"]), slices=slices, containers=containers)
