@@ -373,8 +373,14 @@ HELM = shutil.which("helm")
 needs_helm = pytest.mark.skipif(HELM is None, reason="helm is not installed; the static checks above ran")
 
 
-def helm_template(*sets: str) -> list[dict[str, Any]]:
-    command = [str(HELM), "template", "flexai", str(CHART), "-n", RELEASE_NAMESPACE]
+KUBE_VERSION = ("--kube-version", "1.30.0")
+"""Rendered for the oldest Kubernetes with every API the chart can use (helm's own default depends on its build)."""
+WITH_VAP = ("--api-versions", "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy")
+"""What a 1.30+ API server's discovery tells helm install (helm template knows no kinds offline)."""
+
+
+def helm_template(*sets: str, extra: tuple[str, ...] = WITH_VAP) -> list[dict[str, Any]]:
+    command = [str(HELM), "template", "flexai", str(CHART), "-n", RELEASE_NAMESPACE, *KUBE_VERSION, *extra]
     for item in sets:
         command += ["--set", item]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
@@ -384,7 +390,9 @@ def helm_template(*sets: str) -> list[dict[str, Any]]:
 
 @needs_helm
 def test_helm_lint() -> None:
-    done = subprocess.run([str(HELM), "lint", str(CHART)], capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [str(HELM), "lint", str(CHART), *KUBE_VERSION], capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -414,13 +422,20 @@ def test_helm_template_renders_known_kinds(sets: tuple[str, ...], values: dict[s
     check_kube_scheduler_config(kube_scheduler_config(configmap), values)
     kinds = {d["kind"] for d in docs}
     assert ("DaemonSet" in kinds) is ("agent.enabled=false" not in sets)
+    assert ("ValidatingAdmissionPolicy" in kinds) is ("agent.enabled=false" not in sets)
     assert ("MutatingWebhookConfiguration" in kinds) is ("webhook.enabled=false" not in sets)
+
+
+@needs_helm
+def test_helm_leaves_the_agent_policy_out_where_the_api_server_has_none() -> None:
+    kinds = {d["kind"] for d in helm_template(extra=())}  # no ValidatingAdmissionPolicy kind discovered
+    assert "ValidatingAdmissionPolicy" not in kinds and "DaemonSet" in kinds
 
 
 @needs_helm
 def test_helm_refuses_manual_certs_without_a_secret() -> None:
     done = subprocess.run(
-        [str(HELM), "template", "flexai", str(CHART), "--set", "webhook.certManager.enabled=false"],
+        [str(HELM), "template", "flexai", str(CHART), *KUBE_VERSION, "--set", "webhook.certManager.enabled=false"],
         capture_output=True,
         text=True,
         timeout=120,
