@@ -187,6 +187,14 @@ def test_extender_http_endpoints() -> None:
     assert client.post("/filter", json=body).json()["NodeNames"] == ["n1"]
     assert client.post("/prioritize", json=body).json() == [{"Host": "n1", "Score": 10}]
     assert json.loads(client.get("/healthz").text) == {"status": "ok"}
+    many = TestClient(create_extender_app(Extender(cluster_of(node("n1", 2), node("n2", 2)))))
+    three = {"Pod": pod("q", 1, 300), "NodeNames": ["n2", "n1", 'odd"name']}  # the last one is no flexai node
+    assert many.post("/filter", json=three).json()["NodeNames"] == ["n2", "n1"]
+    assert many.post("/prioritize", json=three).json() == [
+        {"Host": "n2", "Score": 9},
+        {"Host": "n1", "Score": 10},  # equal nodes: the first row is held for the pod
+        {"Host": 'odd"name', "Score": 0},
+    ]
 
 
 def test_metrics_endpoint_reports_attempts_latency_and_allocation() -> None:

@@ -93,6 +93,15 @@ def rebind_keeping_cache(policy: Policy, state: ElasticState) -> None:
         policy.cache = cache  # type: ignore[attr-defined]
 
 
+class _NodeList:
+    """A candidate list kube-scheduler sent and the rows of its nodes (-1: no row)."""
+
+    def __init__(self, stamp: tuple[int, int], names: list[str], rows: np.ndarray) -> None:
+        self.stamp = stamp
+        self.names = names
+        self.rows = rows
+
+
 class Extender:
     def __init__(
         self,
@@ -117,8 +126,8 @@ class Extender:
         self._scheduler: Scheduler | None = None
         self._scheduler_version = -1
         self._layout_version = -1
-        self._last_rows: list[tuple[tuple[int, int], list[str], np.ndarray]] = []
-        self._fragments: dict[str, str] = {}
+        self._lists: list[_NodeList] = []
+        self._pieces: tuple[tuple[int, int], np.ndarray] | None = None
         self.warned: set[str] = set()
         from flexai.k8s.metrics import SchedulerMetrics
 
@@ -187,17 +196,22 @@ class Extender:
 
     # ----------------------------------------------------------------- filter
     def filter(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self._filter(args)[0]
+
+    def _filter(self, args: dict[str, Any]) -> tuple[dict[str, Any], tuple[_NodeList, np.ndarray] | None]:
+        """The ExtenderFilterResult, and the candidate list with its pass mask when the extender decided."""
         pod = _field(args, "pod", "Pod") or {}
         candidates, _ = _candidates(args)
         if not self.ready():
-            return self._filter_result(args, [], {}, {}, error="flexai scheduler is still loading the cluster; retry")
+            error = "flexai scheduler is still loading the cluster; retry"
+            return self._filter_result(args, [], {}, {}, error=error), None
         try:
             demand = self._demand(pod)
         except PodRequestError as exc:
             self._count("error")
-            return self._filter_result(args, [], {}, {n: str(exc) for n in candidates}, error="")
+            return self._filter_result(args, [], {}, {n: str(exc) for n in candidates}, error=""), None
         if demand is None:
-            return self._filter_result(args, candidates, {}, {})
+            return self._filter_result(args, candidates, {}, {}), None
         cluster = self.cluster
         with self.lock:
             cluster.forget(pod_key(pod), kinds=("assumed",))  # a new cycle: its own assumption must not block it
@@ -205,12 +219,13 @@ class Extender:
             if state is None or self.scheduler() is None:
                 self._count("unschedulable")
                 reasons = {n: cluster.node_problem(n) or "no flexai node in the cluster" for n in candidates}
-                return self._filter_result(args, [], reasons, {})
+                return self._filter_result(args, [], reasons, {}), None
             live = cluster.live
             masks = self._masks(state, demand)
             feasible = np.logical_and.reduce(list(masks.values())) & live
             never = not feasible.any() and not self._ever_fits(state, demand, live)
-            rows = self._rows(candidates)
+            listed = self._node_list(candidates)
+            rows = listed.rows
             known = rows >= 0
             ok = np.zeros(len(candidates), dtype=bool)
             ok[known] = feasible[rows[known]]
@@ -218,13 +233,13 @@ class Extender:
             failed: dict[str, str] = {}
             unresolvable: dict[str, str] = {}
             reasons: dict[int, str] = {}
-            bits = {key: masks[key] for key in _REASONS}
+            codes = sum((~masks[key]).astype(np.int64) << k for k, key in enumerate(_REASONS))
             for i in np.flatnonzero(~ok).tolist():
                 name, row = candidates[i], int(rows[i])
                 if row < 0 or not live[row]:
                     unresolvable[name] = cluster.node_problem(name) or "not a flexai node"
                     continue
-                code = sum(1 << k for k, key in enumerate(_REASONS) if not bits[key][row])
+                code = int(codes[row])
                 if code not in reasons:
                     reasons[code] = "flexai: " + ", ".join(r for k, r in enumerate(_REASONS.values()) if code >> k & 1)
                 failed[name] = reasons[code]
@@ -239,7 +254,9 @@ class Extender:
             failed = {}
             self._warn_once(pod, "FlexaiUnschedulable", message)
         self._count("scheduled" if passed else "unschedulable")
-        return self._filter_result(args, passed, failed, unresolvable)
+        with self.lock:  # kube-scheduler sends the nodes that passed to prioritize next: keep their rows
+            self._lists = [_NodeList(listed.stamp, passed, rows[ok]), *self._lists[:3]]
+        return self._filter_result(args, passed, failed, unresolvable), (listed, ok)
 
     def _ever_fits(self, state: ElasticState, demand: PodDemand, live: np.ndarray) -> bool:
         """Would the pod fit on a live node if that node were empty? (False: waiting will never help.)"""
@@ -272,34 +289,57 @@ class Extender:
 
     # ----------------------------------------------------------------- prioritize
     def prioritize(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        candidates, scores = self._prioritize(args)
-        return [{"Host": name, "Score": score} for name, score in zip(candidates, scores, strict=True)]
+        listed, scores = self._prioritize(args)
+        return [{"Host": name, "Score": score} for name, score in zip(listed.names, scores.tolist(), strict=True)]
 
     def prioritize_json(self, args: dict[str, Any]) -> str:
-        """``prioritize``'s HostPriorityList as JSON text, written from cached pieces (5,000 dicts through
-        ``json.dumps`` took longer than the decision itself)."""
-        candidates, scores = self._prioritize(args)
-        fragments = self._fragments
-        if len(fragments) > 4 * len(self.cluster.entries) + 64:
-            fragments.clear()
-        parts = []
-        for name, score in zip(candidates, scores, strict=True):
-            head = fragments.get(name)
-            if head is None:
-                head = fragments[name] = '{"Host":' + json.dumps(name) + ',"Score":'
-            parts.append(head + _SCORE_TAIL[score])
-        return "[" + ",".join(parts) + "]"
+        """``prioritize``'s HostPriorityList as JSON text, picked from each node's 11 possible entries (5,000 dicts
+        through ``json.dumps`` took longer than the decision itself)."""
+        listed, scores = self._prioritize(args)
+        with self.lock:
+            table = self._json_pieces()
+        rows = listed.rows
+        known = rows >= 0
+        pieces = table[1 + scores, np.where(known, rows, 0)]
+        for i in np.flatnonzero(~known).tolist():
+            pieces[i] = '{"Host":' + json.dumps(listed.names[i]) + ',"Score":0}'
+        return "[" + ",".join(pieces.tolist()) + "]"
 
-    def _prioritize(self, args: dict[str, Any]) -> tuple[list[str], list[int]]:
+    def filter_json(self, args: dict[str, Any]) -> str:
+        """``filter``'s ExtenderFilterResult as JSON text (the node names from the list's cached JSON)."""
+        result, decided = self._filter(args)
+        if result.get("NodeNames") is None or decided is None:
+            return json.dumps(result, separators=(",", ":"))
+        listed, ok = decided
+        with self.lock:
+            table = self._json_pieces()
+        rest = json.dumps({k: v for k, v in result.items() if k != "NodeNames"}, separators=(",", ":"))
+        return '{"NodeNames":[' + ",".join(table[0, listed.rows[ok]].tolist()) + "]," + rest[1:]
+
+    def _json_pieces(self) -> np.ndarray:
+        """(12, rows) JSON pieces per row of the view: the node's name as a JSON string, then its HostPriority
+        for each score 0..10; made again when rows change."""
+        stamp = (self.cluster.version, self.cluster.layout_version)
+        if self._pieces is None or self._pieces[0] != stamp:
+            names_ = [json.dumps(f.name) if f is not None else '""' for f in self.cluster.flex_nodes]
+            heads = ['{"Host":' + q + ',"Score":' for q in names_]
+            table = np.empty((1 + len(_SCORE_TAIL), len(names_)), dtype=object)
+            table[0] = names_
+            for k, tail in enumerate(_SCORE_TAIL):
+                table[1 + k] = [h + tail for h in heads]
+            self._pieces = (stamp, table)
+        return self._pieces[1]
+
+    def _prioritize(self, args: dict[str, Any]) -> tuple[_NodeList, np.ndarray]:
         pod = _field(args, "pod", "Pod") or {}
         candidates, _ = _candidates(args)
-        zeros = [0] * len(candidates)
+        zeros = np.zeros(len(candidates), dtype=np.int64)
         try:
             demand = self._demand(pod)
         except PodRequestError:
-            return candidates, zeros
+            return self._node_list(candidates), zeros
         if demand is None or not self.ready():
-            return candidates, zeros
+            return self._node_list(candidates), zeros
         cluster = self.cluster
         key = pod_key(pod)
         with self.lock:
@@ -307,15 +347,16 @@ class Extender:
             state = cluster.state
             scheduler = self.scheduler()
             if state is None or scheduler is None:
-                return candidates, zeros
+                return self._node_list(candidates), zeros
             feasible = np.logical_and.reduce(list(self._masks(state, demand).values())) & cluster.live
-            rows = self._rows(candidates)
+            listed = self._node_list(candidates)
+            rows = listed.rows
             known = rows >= 0
             consider = np.zeros(state.node_count, dtype=bool)
             consider[rows[known]] = True
             consider &= feasible
             if not consider.any():
-                return candidates, zeros
+                return self._node_list(candidates), zeros
             raw = np.asarray(scheduler.policy.score(state, demand.engine_request(key), consider), dtype=float)
             index = np.flatnonzero(consider)
             n = state.node_count
@@ -335,20 +376,20 @@ class Extender:
             scaled = np.rint(top * (raw - low) / (high - low)).astype(np.int64)
         scaled[~consider] = 0
         scaled[best] = MAX_EXTENDER_PRIORITY
-        return candidates, np.where(known, scaled[np.where(known, rows, 0)], 0).tolist()
+        return listed, np.where(known, scaled[np.where(known, rows, 0)], 0)
 
-    def _rows(self, candidates: list[str]) -> np.ndarray:
-        """Row of each candidate node (-1: none). kube-scheduler sends the same list call after call: the
-        last answer is kept while the rows stay as they were."""
+    def _node_list(self, candidates: list[str]) -> _NodeList:
+        """The rows of the candidate nodes (-1: none). kube-scheduler sends the same list call after call: the
+        last lists are kept (with their JSON pieces) while the rows stay as they were."""
         stamp = (self.cluster.version, self.cluster.layout_version)
-        for i, (seen_stamp, seen, rows) in enumerate(self._last_rows):
-            if seen_stamp == stamp and len(seen) == len(candidates) and seen == candidates:
-                self._last_rows.insert(0, self._last_rows.pop(i))
-                return rows
+        for i, listed in enumerate(self._lists):
+            if listed.stamp == stamp and len(listed.names) == len(candidates) and listed.names == candidates:
+                self._lists.insert(0, self._lists.pop(i))
+                return listed
         index_of = self.cluster.index_of
-        rows = np.array([index_of.get(n, -1) for n in candidates], dtype=np.int64)
-        self._last_rows = [(stamp, candidates, rows), *self._last_rows[:3]]  # filter's and prioritize's lists
-        return rows
+        listed = _NodeList(stamp, candidates, np.array([index_of.get(n, -1) for n in candidates], dtype=np.int64))
+        self._lists = [listed, *self._lists[:3]]  # filter's and prioritize's lists
+        return listed
 
     def _plan(
         self, scheduler: Scheduler, state: ElasticState, demand: PodDemand, row: int, key: str, kind: str
@@ -505,6 +546,7 @@ class Extender:
 
 
 _SCORE_TAIL = [f"{score}}}" for score in range(MAX_EXTENDER_PRIORITY + 1)]
+"""The end of one HostPriority in JSON, by score."""
 
 _REASONS = {
     "resources-fit": "not enough free CPU or memory",
@@ -547,7 +589,7 @@ def create_extender_app(extender: Extender):  # noqa: ANN201
         if body is None:
             return bad()
         with latency.labels("filter").time():
-            return _json(extender.filter(body))
+            return Response(extender.filter_json(body).encode(), media_type="application/json")
 
     @app.post("/prioritize")
     async def prioritize(request: HttpRequest) -> Any:
