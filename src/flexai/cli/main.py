@@ -5,14 +5,15 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from flexai import __version__
+from flexai.cli.console import fail, text
+from flexai.cli.console import out as console
 
 app = typer.Typer(
     help="flexai: pool, slice and schedule accelerators of any vendor.",
@@ -20,17 +21,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# Piped output (CI logs, files) gets a fixed width wide enough for the result table.
-console = Console(width=None if sys.stdout.isatty() else 120)
-err_console = Console(stderr=True)
-
 DEFAULT_SEEDS = "42-51"
 
 
-def fail(message: str) -> NoReturn:
-    """Bad input: one clear line on stderr, exit code 2."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+def check_writable(path: Path, option: str, folder: bool) -> None:
+    """Refuse an output path before the work, not after it (one line, exit 2)."""
+    target = path if folder else path.parent
+    try:
+        if target.exists() and not target.is_dir():
+            fail(f"{option}={str(path)!r} is not allowed: {target} is not a folder")
+        if folder:
+            target.mkdir(parents=True, exist_ok=True)
+        elif not target.is_dir():
+            fail(f"{option}={str(path)!r} is not allowed: folder {target} does not exist")
+        if not folder and path.exists() and path.is_dir():
+            fail(f"{option}={str(path)!r} is not allowed: it is a folder, give a file name")
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".flexai-write-check-"):
+            pass
+    except OSError as exc:
+        fail(f"{option}={str(path)!r} is not allowed: cannot write there ({exc.strerror or exc})")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -78,7 +89,7 @@ def main(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
     if version:
-        console.print(f"flexai {__version__}")
+        console.print(text(f"flexai {__version__}"))
         raise typer.Exit()
     if context.invoked_subcommand is None:
         console.print(context.get_help())
@@ -119,20 +130,21 @@ def simulate(
         fail(f"--nodes={nodes!r} has no GPU nodes: the experiment needs at least one device")
     if not any(r.device_count for r in pods.requests):
         fail(f"--trace={trace!r} has no pod with num_gpu > 0: the experiment fills GPU capacity with such pods")
-    for target in [out] + ([json_path] if json_path else []):
-        probe = target if target == out else target.parent
-        if probe.exists() and not probe.is_dir():
-            fail(f"{'--out' if target == out else '--json'}={str(target)!r} is not allowed: {probe} is not a folder")
+    check_writable(out, "--out", folder=True)
+    if json_path:
+        check_writable(json_path, "--json", folder=False)
     workers = jobs or default_jobs()
     total_tasks = len(policies) * len(seed_list) + (len(seed_list) if bound else 0)
     console.print(
-        f"trace [bold]{pods.name}[/] ({len(pods.requests):,} pods), nodes [bold]{node_list.name}[/] "
-        f"({len(node_list.nodes):,} nodes, {sum(n.device_count for n in node_list.nodes):,} GPUs), "
-        f"{len(policies)} policies x {len(seed_list)} seeds on {workers} workers"
+        text(
+            f"trace {pods.name} ({len(pods.requests):,} pods), nodes {node_list.name} "
+            f"({len(node_list.nodes):,} nodes, {sum(n.device_count for n in node_list.nodes):,} GPUs), "
+            f"{len(policies)} policies x {len(seed_list)} seeds on {workers} workers"
+        )
     )
     started = time.perf_counter()
     with Progress(
-        TextColumn("[progress.description]{task.description}"),
+        TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -156,8 +168,9 @@ def simulate(
     plot_curves(out / "unallocated_gpu.png", runs, bounds, f"trace {pods.name}: unallocated GPU vs arrived workload")
     (out / "report.md").write_text(markdown(doc, summaries))
     console.print(
-        f"report in [bold]{out}/[/] (report.md, unallocated_gpu.png, results.json) — "
-        f"{time.perf_counter() - started:.1f} s"
+        text(
+            f"report in {out}/ (report.md, unallocated_gpu.png, results.json) — {time.perf_counter() - started:.1f} s"
+        )
     )
 
 
@@ -175,7 +188,7 @@ def _print_table(summaries: list, doc: dict) -> None:
     table.add_column("wall s", justify="right")
     for s in summaries:
         table.add_row(
-            s.policy,
+            text(s.policy),
             *[f"{s.unallocated_mean[x]:.2f}" for x in REPORT_ARRIVED_PCT],
             f"{s.failed_pods_mean:.0f}",
             f"{s.placed_demand_pct_at_100_mean:.2f}",
@@ -184,18 +197,21 @@ def _print_table(summaries: list, doc: dict) -> None:
     console.print(table)
     for g in doc.get("pooling_gain") or []:
         console.print(
-            f"pooling gain of [bold]{g['policy']}[/] over k8s-whole-gpu at arrived 100 %: "
-            f"+{g['extra_gpu_demand_pct']:.1f} % GPU demand placed, +{g['extra_pods']:.0f} pods"
+            text(
+                f"pooling gain of {g['policy']} over k8s-whole-gpu at arrived 100 %: "
+                f"+{g['extra_gpu_demand_pct']:.1f} % GPU demand placed, +{g['extra_pods']:.0f} pods"
+            )
         )
     bound = doc.get("lower_bound")
     if bound:
         lb = bound["unallocated_gpu_pct_at_100"]
-        console.print(f"lower bound on unallocated GPU % at arrived 100 %: {lb['mean']:.2f} (sd {lb['sd']:.2f})")
+        console.print(text(f"lower bound on unallocated GPU % at arrived 100 %: {lb['mean']:.2f} (sd {lb['sd']:.2f})"))
 
 
 def _register_subcommands() -> None:
     import flexai.cli.k8s_cmds  # noqa: F401  (registers the k8s group)
     import flexai.cli.pool_cmds  # noqa: F401  (registers serve, run, ps, pool, events, logs, cancel)
+    import flexai.cli.replay_cmd  # noqa: F401  (registers replay)
 
 
 _register_subcommands()

@@ -155,6 +155,7 @@ class Scheduler:
         self._tie_rank = (n - 1 - priority).astype(np.int64)
         self._key_scale = np.int64(n)
         self._empty_state: ClusterState | None = None
+        self._ever_fits: dict[tuple[object, ...], bool] = {}
         policy.bind_state(state)
 
     def filter_masks(self, request: Request, state: ClusterState | None = None) -> dict[str, np.ndarray]:
@@ -169,11 +170,22 @@ class Scheduler:
             mask = mask & f.feasible(state, request)
         return mask
 
-    def ever_fits(self, request: Request) -> bool:
-        """Would the request fit somewhere if the cluster were empty? (False: waiting will never help.)"""
+    def feasible_when_empty(self, request: Request) -> np.ndarray:
+        """Per node: would the request fit there if the node were empty?"""
         if self._empty_state is None:
             self._empty_state = ClusterState(self.state.nodes)
-        return bool(self.feasible(request, self._empty_state).any())
+        return self.feasible(request, self._empty_state)
+
+    def ever_fits(self, request: Request) -> bool:
+        """Would the request fit somewhere if the cluster were empty? (False: waiting will never help.)"""
+        key = (request.device_count, request.share_milli, request.device_memory_mib, request.allowed_models,
+               request.cpu_milli, request.host_memory_mib)
+        known = self._ever_fits.get(key)
+        if known is None:
+            known = self._ever_fits[key] = bool(self.feasible_when_empty(request).any())
+            if len(self._ever_fits) > 4096:
+                self._ever_fits.clear()
+        return known
 
     def explain(self, request: Request) -> str:
         """A reason a user can act on: how many nodes each filter rejected."""
@@ -192,10 +204,19 @@ class Scheduler:
         key = scores[candidates] * self._key_scale + self._tie_rank[candidates]
         return int(candidates[int(np.argmax(key))])
 
-    def schedule(self, request: Request, replica_id: str) -> ScheduleResult:
-        effective = request.whole_devices() if self.policy.whole_devices_only else request
+    def effective(self, request: Request) -> Request:
+        """The request as this policy grants it (a no-sharing baseline rounds up to whole devices)."""
+        return request.whole_devices() if self.policy.whole_devices_only else request
+
+    def schedule(self, request: Request, replica_id: str, node_mask: np.ndarray | None = None) -> ScheduleResult:
+        """Place one replica; ``node_mask`` (optional, per node) limits the nodes it may use."""
+        effective = self.effective(request)
         feasible = self.feasible(effective)
+        if node_mask is not None:
+            feasible = feasible & node_mask
         if not feasible.any():
+            if node_mask is not None and self.feasible(effective).any():
+                return ScheduleResult(Status.UNSCHEDULABLE, reason="fits only on nodes held for other work")
             return ScheduleResult(Status.UNSCHEDULABLE, reason=self.explain(effective))
         node = self.choose_node(effective, feasible)
         devices = self.policy.select_devices(self.state, effective, node)

@@ -22,6 +22,11 @@ from flexai.model.units import FULL_SHARE_MILLI
 from flexai.model.workload import Shape, WorkloadProfile
 
 POD_COLUMNS = ("name", "cpu_milli", "memory_mib", "num_gpu", "gpu_milli")
+POD_OPTIONAL_COLUMNS = ("gpu_spec", "qos", "pod_phase", "creation_time", "deletion_time", "scheduled_time")
+TIME_COLUMNS = ("creation_time", "deletion_time", "scheduled_time")
+QOS_VALUES = ("LS", "BE", "Burstable", "Guaranteed")
+PHASE_VALUES = ("Running", "Succeeded", "Failed", "Pending", "Unknown")
+MAX_TIME_S = 10**12
 NODE_COLUMNS = ("sn", "cpu_milli", "memory_mib", "gpu", "model")
 DATA_PACKAGE = "flexai.sim.data"
 
@@ -38,6 +43,8 @@ class PodTrace:
     pod_names: tuple[str, ...]
     requests: tuple[Request, ...]
     spec_labels: tuple[str, ...]
+    times: PodTimes | None = None
+    """Creation, deletion and scheduled times (seconds; NaN where empty) when the file has them."""
 
     @property
     def total_share_milli(self) -> np.ndarray:
@@ -52,6 +59,16 @@ class PodTrace:
 
     def profile(self, coverage: float = 0.95) -> WorkloadProfile:
         return WorkloadProfile.from_requests(self.requests, self.spec_labels, coverage)
+
+
+@dataclass(frozen=True)
+class PodTimes:
+    """The time columns of a pod file, one entry per pod; ``scheduled_s`` is NaN for pods that never ran."""
+
+    creation_s: np.ndarray
+    deletion_s: np.ndarray
+    scheduled_s: np.ndarray
+    phases: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -90,7 +107,9 @@ def _open_text(source: str, kind: str) -> tuple[str, str]:
         raise TraceFormatError(f"{source}: cannot read {kind} file: {exc}") from exc
 
 
-def _rows(display: str, text: str, required: tuple[str, ...]) -> tuple[list[str], list[tuple[int, list[str]]]]:
+def _rows(
+    display: str, text: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> tuple[list[str], list[tuple[int, list[str]]]]:
     reader = csv.reader(io.StringIO(text))
     try:
         header = [h.strip() for h in next(reader)]
@@ -103,7 +122,24 @@ def _rows(display: str, text: str, required: tuple[str, ...]) -> tuple[list[str]
         raise TraceFormatError(
             f"{display}:1: header lacks column(s) {', '.join(missing)}; found {', '.join(header) or 'nothing'}"
         )
-    rows = [(reader.line_num, row) for row in reader if row and any(cell.strip() for cell in row)]
+    known = set(required) | set(optional)
+    unknown = [c for c in header if c not in known]
+    if unknown:
+        raise TraceFormatError(
+            f"{display}:1: column {unknown[0]!r} is not allowed: the columns are {', '.join((*required, *optional))}"
+        )
+    if len(set(header)) != len(header):
+        dup = next(c for c in header if header.count(c) > 1)
+        raise TraceFormatError(f"{display}:1: column {dup!r} appears twice")
+    rows = []
+    for row in reader:
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise TraceFormatError(
+                f"{display}:{reader.line_num}: {len(row)} columns, the header has {len(header)}: one value per column"
+            )
+        rows.append((reader.line_num, row))
     return header, rows
 
 
@@ -118,15 +154,41 @@ def _int(display: str, line: int, column: str, value: str, low: int, high: int |
     return number
 
 
+def _time(display: str, line: int, column: str, value: str) -> float:
+    text = value.strip()
+    if not text:
+        return float("nan")
+    try:
+        number = float(text)
+    except ValueError:
+        number = float("nan")
+    if not (0 <= number <= MAX_TIME_S) or number != int(number):
+        raise TraceFormatError(
+            f"{display}:{line}: column {column}: value {value!r} is not allowed: whole seconds in 0..{MAX_TIME_S}, "
+            "or empty"
+        )
+    return number
+
+
+def _choice(display: str, line: int, column: str, value: str, allowed: tuple[str, ...]) -> str:
+    text = value.strip()
+    if text and text not in allowed:
+        raise TraceFormatError(
+            f"{display}:{line}: column {column}: value {value!r} is not allowed: one of {', '.join(allowed)}, or empty"
+        )
+    return text
+
+
 def load_pods(source: str) -> PodTrace:
     display, text = _open_text(source, "pods")
-    header, rows = _rows(display, text, POD_COLUMNS)
+    header, rows = _rows(display, text, POD_COLUMNS, POD_OPTIONAL_COLUMNS)
     col = {c: i for i, c in enumerate(header)}
     spec_col = col.get("gpu_spec")
+    has_times = all(c in col for c in TIME_COLUMNS)
     names, requests, labels = [], [], []
+    times: list[tuple[float, float, float]] = []
+    phases: list[str] = []
     for line, row in rows:
-        if len(row) < len(header):
-            raise TraceFormatError(f"{display}:{line}: {len(row)} columns, the header has {len(header)}")
         name = row[col["name"]].strip()
         if not name:
             raise TraceFormatError(f"{display}:{line}: column name: value '' is not allowed: a pod name")
@@ -149,6 +211,22 @@ def load_pods(source: str) -> PodTrace:
                 f"{display}:{line}: column gpu_milli: value {share!r} is not allowed: "
                 f"{FULL_SHARE_MILLI} when num_gpu = {count} (only single-GPU pods share a GPU)"
             )
+        qos = _choice(display, line, "qos", row[col["qos"]], QOS_VALUES) if "qos" in col else ""
+        phase = _choice(display, line, "pod_phase", row[col["pod_phase"]], PHASE_VALUES) if "pod_phase" in col else ""
+        if has_times:
+            created, deleted, scheduled = (_time(display, line, c, row[col[c]]) for c in TIME_COLUMNS)
+            if np.isnan(created) or np.isnan(deleted):
+                raise TraceFormatError(
+                    f"{display}:{line}: column creation_time/deletion_time: values {row[col['creation_time']]!r}, "
+                    f"{row[col['deletion_time']]!r} are not allowed: both are needed (seconds)"
+                )
+            if deleted < created or (not np.isnan(scheduled) and not created <= scheduled <= deleted):
+                raise TraceFormatError(
+                    f"{display}:{line}: column scheduled_time: value {row[col['scheduled_time']]!r} is not allowed: "
+                    "creation_time <= scheduled_time <= deletion_time"
+                )
+            times.append((created, deleted, scheduled))
+            phases.append(phase)
         names.append(name)
         labels.append(label)
         requests.append(
@@ -158,14 +236,18 @@ def load_pods(source: str) -> PodTrace:
                 allowed_models=frozenset(p for p in label.split("|") if p),
                 cpu_milli=cpu,
                 host_memory_mib=memory,
-                qos=row[col["qos"]].strip() if "qos" in col else "",
+                qos=qos,
                 name=name,
             )
         )
     if not requests:
         raise TraceFormatError(f"{display}: no pods in the file")
     trace_name = Path(display).name.removesuffix(".gz").removesuffix(".csv").removeprefix("openb_pod_list_")
-    return PodTrace(trace_name, tuple(names), tuple(requests), tuple(labels))
+    pod_times = None
+    if has_times:
+        table = np.array(times, dtype=np.float64).reshape(-1, 3)
+        pod_times = PodTimes(table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy(), tuple(phases))
+    return PodTrace(trace_name, tuple(names), tuple(requests), tuple(labels), pod_times)
 
 
 def load_nodes(source: str) -> NodeList:
@@ -174,8 +256,6 @@ def load_nodes(source: str) -> NodeList:
     col = {c: i for i, c in enumerate(header)}
     nodes, seen = [], set()
     for line, row in rows:
-        if len(row) < len(header):
-            raise TraceFormatError(f"{display}:{line}: {len(row)} columns, the header has {len(header)}")
         name = row[col["sn"]].strip()
         if not name or name in seen:
             raise TraceFormatError(f"{display}:{line}: column sn: value {name!r} is not allowed: a unique node name")
