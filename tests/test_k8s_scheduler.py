@@ -495,3 +495,25 @@ def test_the_placement_travels_in_the_binding_and_no_pod_is_patched(apiserver: F
         )
     finally:
         service.stop()
+
+
+def test_extender_args_are_read_whatever_their_layout() -> None:
+    """The node-name list is reused between calls; everything else is parsed as JSON would be."""
+    from flexai.k8s.extender import ArgsReader
+
+    reader = ArgsReader()
+    the_pod = pod("p", 1, 300)
+    go = json.dumps({"pod": the_pod, "nodes": None, "nodenames": ["n1", "n2"]}, separators=(",", ":")).encode()
+    first, second = reader.read(go), reader.read(go)
+    assert first == {"pod": the_pod, "nodes": None, "nodenames": ["n1", "n2"]}
+    assert second is not None and second["nodenames"] is first["nodenames"]  # parsed once
+    spaced = b'{ "nodenames" : [ "n1" ] , "pod" : {} }'
+    assert reader.read(spaced) == {"nodenames": ["n1"], "pod": {}}
+    nodes_only = json.dumps({"pod": the_pod, "nodes": {"items": [node("n1", 1)]}}).encode()
+    assert reader.read(nodes_only) == json.loads(nodes_only)
+    tricky = json.dumps({"nodenames": ["n1"], "pod": {"metadata": {"annotations": {"x": '"nodenames":[]'}}}})
+    assert reader.read(tricky.encode()) == json.loads(tricky)
+    assert reader.read(b"[1, 2]") is None and reader.read(b"{not json") is None
+    mine = ["n2", "n9"]
+    reader.remember(b'["n2","n9"]', mine)  # what filter answered comes back to prioritize
+    assert reader.read(b'{"pod":{},"nodes":null,"nodenames":["n2","n9"]}')["nodenames"] is mine

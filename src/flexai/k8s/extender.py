@@ -22,6 +22,7 @@ it binds it, so the extender needs no right to patch pods.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -80,7 +81,7 @@ def _candidates(args: dict[str, Any]) -> tuple[list[str], list[dict] | None]:
     nodes = _field(args, "nodes", "Nodes")
     items = (nodes or {}).get("items") if nodes else None
     if node_names is not None:
-        return list(node_names), None
+        return node_names if isinstance(node_names, list) else list(node_names), None
     return [n["metadata"]["name"] for n in items or []], items or []
 
 
@@ -93,6 +94,12 @@ def rebind_keeping_cache(policy: Policy, state: ElasticState) -> None:
         policy.cache = cache  # type: ignore[attr-defined]
 
 
+@functools.lru_cache(maxsize=256)
+def _engine_request(demand: PodDemand) -> Request:
+    """The engine's request for a demand (shared: pods of one shape score alike)."""
+    return demand.engine_request()
+
+
 class _NodeList:
     """A candidate list kube-scheduler sent and the rows of its nodes (-1: no row)."""
 
@@ -100,6 +107,13 @@ class _NodeList:
         self.stamp = stamp
         self.names = names
         self.rows = rows
+        self._array: np.ndarray | None = None
+
+    def names_array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.empty(len(self.names), dtype=object)
+            self._array[:] = self.names
+        return self._array
 
 
 class Extender:
@@ -128,6 +142,10 @@ class Extender:
         self._layout_version = -1
         self._lists: list[_NodeList] = []
         self._pieces: tuple[tuple[int, int], np.ndarray] | None = None
+        self._last_masks: tuple[tuple, dict[str, np.ndarray]] | None = None
+        self._last_demand: tuple[tuple, PodDemand | None] | None = None
+        self.args = ArgsReader()
+        """Reads ExtenderArgs, remembering the node-name lists it has seen or written."""
         self.warned: set[str] = set()
         from flexai.k8s.metrics import SchedulerMetrics
 
@@ -190,9 +208,24 @@ class Extender:
             "device-fit": self._device_fit(state, demand, empty=empty).sum(axis=1) >= demand.count,
         }
 
-    @staticmethod
-    def _demand(pod: dict) -> PodDemand | None:
-        return pod_demand(pod)
+    def _cached_masks(self, state: ElasticState, demand: PodDemand, key: str) -> dict[str, np.ndarray]:
+        """``_masks``, kept from filter for the prioritize of the same pod while nothing changed in between."""
+        stamp = (key, demand, self.cluster.version, self.cluster.layout_version, int(state.node_version.sum()))
+        if self._last_masks is not None and self._last_masks[0] == stamp:
+            return self._last_masks[1]
+        masks = self._masks(state, demand)
+        self._last_masks = (stamp, masks)
+        return masks
+
+    def _demand(self, pod: dict) -> PodDemand | None:
+        """The pod's demand; filter, prioritize and bind read the same pod version: parsed once."""
+        meta = pod.get("metadata") or {}
+        version = (meta.get("uid"), meta.get("resourceVersion"), meta.get("name"), meta.get("namespace"))
+        if version[0] and version[1] and self._last_demand is not None and self._last_demand[0] == version:
+            return self._last_demand[1]
+        demand = pod_demand(pod)
+        self._last_demand = (version, demand)
+        return demand
 
     # ----------------------------------------------------------------- filter
     def filter(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -221,7 +254,7 @@ class Extender:
                 reasons = {n: cluster.node_problem(n) or "no flexai node in the cluster" for n in candidates}
                 return self._filter_result(args, [], reasons, {}), None
             live = cluster.live
-            masks = self._masks(state, demand)
+            masks = self._cached_masks(state, demand, pod_key(pod))
             feasible = np.logical_and.reduce(list(masks.values())) & live
             never = not feasible.any() and not self._ever_fits(state, demand, live)
             listed = self._node_list(candidates)
@@ -229,20 +262,22 @@ class Extender:
             known = rows >= 0
             ok = np.zeros(len(candidates), dtype=bool)
             ok[known] = feasible[rows[known]]
-            passed = [n for n, good in zip(candidates, ok.tolist(), strict=True) if good]
-            failed: dict[str, str] = {}
+            passed = listed.names_array()[ok].tolist()
             unresolvable: dict[str, str] = {}
-            reasons: dict[int, str] = {}
+            placeable = known.copy()
+            placeable[known] = live[rows[known]]
+            for i in np.flatnonzero(~placeable).tolist():
+                unresolvable[candidates[i]] = cluster.node_problem(candidates[i]) or "not a flexai node"
+            # The other refusals, named by which filters refused (a code per node, one string per code).
+            refused = placeable & ~ok
             codes = sum((~masks[key]).astype(np.int64) << k for k, key in enumerate(_REASONS))
-            for i in np.flatnonzero(~ok).tolist():
-                name, row = candidates[i], int(rows[i])
-                if row < 0 or not live[row]:
-                    unresolvable[name] = cluster.node_problem(name) or "not a flexai node"
-                    continue
-                code = int(codes[row])
-                if code not in reasons:
-                    reasons[code] = "flexai: " + ", ".join(r for k, r in enumerate(_REASONS.values()) if code >> k & 1)
-                failed[name] = reasons[code]
+            failed = dict(
+                zip(
+                    listed.names_array()[refused].tolist(),
+                    _REASON_TEXT[codes[rows[refused]]].tolist(),
+                    strict=True,
+                )
+            )
         if never:
             size = f"{demand.memory_pct} % of the device memory" if demand.memory_pct else f"{demand.memory_mib} MiB"
             message = (
@@ -314,7 +349,10 @@ class Extender:
         with self.lock:
             table = self._json_pieces()
         rest = json.dumps({k: v for k, v in result.items() if k != "NodeNames"}, separators=(",", ":"))
-        return '{"NodeNames":[' + ",".join(table[0, listed.rows[ok]].tolist()) + "]," + rest[1:]
+        passed = "[" + ",".join(table[0, listed.rows[ok]].tolist()) + "]"
+        # kube-scheduler sends these names back to prioritize, encoded the same way: parse them from memory.
+        self.args.remember(passed.encode(), result["NodeNames"])
+        return '{"NodeNames":' + passed + "," + rest[1:]
 
     def _json_pieces(self) -> np.ndarray:
         """(12, rows) JSON pieces per row of the view: the node's name as a JSON string, then its HostPriority
@@ -348,7 +386,8 @@ class Extender:
             scheduler = self.scheduler()
             if state is None or scheduler is None:
                 return self._node_list(candidates), zeros
-            feasible = np.logical_and.reduce(list(self._masks(state, demand).values())) & cluster.live
+            masks = self._cached_masks(state, demand, key)
+            feasible = np.logical_and.reduce(list(masks.values())) & cluster.live
             listed = self._node_list(candidates)
             rows = listed.rows
             known = rows >= 0
@@ -357,7 +396,7 @@ class Extender:
             consider &= feasible
             if not consider.any():
                 return self._node_list(candidates), zeros
-            raw = np.asarray(scheduler.policy.score(state, demand.engine_request(key), consider), dtype=float)
+            raw = np.asarray(scheduler.policy.score(state, _engine_request(demand), consider), dtype=float)
             index = np.flatnonzero(consider)
             n = state.node_count
             rank = raw[index] * n + (n - 1 - index)  # ties to the lowest row, as the engine does
@@ -383,7 +422,8 @@ class Extender:
         last lists are kept (with their JSON pieces) while the rows stay as they were."""
         stamp = (self.cluster.version, self.cluster.layout_version)
         for i, listed in enumerate(self._lists):
-            if listed.stamp == stamp and len(listed.names) == len(candidates) and listed.names == candidates:
+            same = listed.names is candidates or (len(listed.names) == len(candidates) and listed.names == candidates)
+            if listed.stamp == stamp and same:
                 self._lists.insert(0, self._lists.pop(i))
                 return listed
         index_of = self.cluster.index_of
@@ -398,7 +438,7 @@ class Extender:
         fits = self._device_fit(state, demand, row)
         devices: list[int] | None = None
         if demand.engine_exact:
-            chosen = [int(d) for d in scheduler.policy.select_devices(state, demand.engine_request(key), row)]
+            chosen = [int(d) for d in scheduler.policy.select_devices(state, _engine_request(demand), row)]
             if len(set(chosen)) == demand.count and all(fits[d] for d in chosen):
                 devices = chosen
         if devices is None:  # tightest fit: the fitting devices with the least free share first
@@ -553,69 +593,121 @@ _REASONS = {
     "device-model": "no allowed device model",
     "device-fit": "not enough free device share or memory",
 }
+_REASON_TEXT = np.array(
+    ["flexai: " + ", ".join(r for k, r in enumerate(_REASONS.values()) if code >> k & 1) for code in range(8)],
+    dtype=object,
+)
+"""The FailedNodes text for each combination of refusing filters (bit k: the k-th of ``_REASONS``)."""
 
 
 def _json(data: Any) -> Any:
-    from fastapi.responses import Response
+    from starlette.responses import Response
 
     return Response(json.dumps(data, separators=(",", ":")).encode(), media_type="application/json")
 
 
+class ArgsReader:
+    """ExtenderArgs from the request body, with the node-name list parsed once per distinct list.
+
+    kube-scheduler sends the same thousands of node names call after call (filter: all the nodes its own
+    filters passed; prioritize: the ones the extender's filter passed); the list is the last member of its
+    JSON (Go writes struct members in order: pod, nodes, nodenames) and node names hold no ``]``. The bytes of
+    the list are looked up among the last lists seen; only the pod is parsed each time. Anything unexpected is
+    parsed whole."""
+
+    KEY = b'"nodenames":'
+
+    def __init__(self, keep: int = 8) -> None:
+        self.keep = keep
+        self._lists: dict[bytes, list[str]] = {}
+        self._lock = threading.Lock()
+
+    def remember(self, segment: bytes, node_names: list[str]) -> None:
+        """A list this process wrote (filter's answer) and will be sent again (prioritize's request)."""
+        with self._lock:
+            if len(self._lists) >= self.keep:
+                self._lists.pop(next(iter(self._lists)))
+            self._lists[segment] = node_names
+
+    def read(self, raw: bytes) -> dict[str, Any] | None:
+        try:
+            start = raw.rfind(self.KEY)
+            end = raw.find(b"]", start) if start >= 0 else -1
+            segment = raw[start + len(self.KEY) : end + 1].strip() if end > 0 else b""
+            if not segment.startswith(b"[") or raw[end + 1 :].strip() != b"}":
+                body = json.loads(raw)
+                return body if isinstance(body, dict) else None
+            names_ = self._lists.get(segment)
+            if names_ is None:
+                names_ = json.loads(segment)
+                if not isinstance(names_, list):
+                    return None
+                self.remember(segment, names_)
+            body = json.loads(raw[:start] + self.KEY + b"[]" + raw[end + 1 :])
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(body, dict):
+            return None
+        body["nodenames"] = names_
+        return body
+
+
 def create_extender_app(extender: Extender):  # noqa: ANN201
-    from fastapi import FastAPI
-    from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import JSONResponse, Response
+    """The extender's ASGI app (plain Starlette: its routes are few and called thousands of times a second)."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
 
     from flexai.k8s.metrics import CONTENT_TYPE_LATEST, generate_latest
 
-    app = FastAPI(title="flexai scheduler extender")
-    latency = extender.prometheus.latency
+    timed = {verb: extender.prometheus.latency.labels(verb) for verb in ("filter", "prioritize", "bind")}
+    reader = extender.args
 
-    async def body_of(request: HttpRequest) -> dict[str, Any] | None:
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            return None
-        return body if isinstance(body, dict) else None
-
-    def bad() -> Any:
+    def bad() -> Response:
         return JSONResponse({"detail": "body: not a JSON object (allowed: kube-scheduler's ExtenderArgs)"}, 400)
 
     # filter and prioritize are short and CPU-bound under one lock: they run on the event loop (no thread
     # hand-off per call); bind waits on the API server, so it runs in the thread pool.
-    @app.post("/filter")
-    async def filter_(request: HttpRequest) -> Any:
-        body = await body_of(request)
+    async def filter_(request: HttpRequest) -> Response:
+        body = reader.read(await request.body())
         if body is None:
             return bad()
-        with latency.labels("filter").time():
+        with timed["filter"].time():
             return Response(extender.filter_json(body).encode(), media_type="application/json")
 
-    @app.post("/prioritize")
-    async def prioritize(request: HttpRequest) -> Any:
-        body = await body_of(request)
+    async def prioritize(request: HttpRequest) -> Response:
+        body = reader.read(await request.body())
         if body is None:
             return bad()
-        with latency.labels("prioritize").time():
+        with timed["prioritize"].time():
             return Response(extender.prioritize_json(body).encode(), media_type="application/json")
 
-    @app.post("/bind")
-    async def bind(request: HttpRequest) -> Any:
-        body = await body_of(request)
-        if body is None:
+    async def bind(request: HttpRequest) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict):
             return bad()
         start = time.perf_counter()
         result = await run_in_threadpool(extender.bind, body)
-        latency.labels("bind").observe(time.perf_counter() - start)
+        timed["bind"].observe(time.perf_counter() - start)
         return _json(result)
 
-    @app.get("/metrics")
-    def metrics() -> Response:
-        extender.refresh_gauges()
+    async def metrics(request: HttpRequest) -> Response:
+        await run_in_threadpool(extender.refresh_gauges)
         return Response(generate_latest(extender.prometheus.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz(request: HttpRequest) -> Response:
+        return JSONResponse({"status": "ok"})
 
-    return app
+    return Starlette(
+        routes=[
+            Route("/filter", filter_, methods=["POST"]),
+            Route("/prioritize", prioritize, methods=["POST"]),
+            Route("/bind", bind, methods=["POST"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ]
+    )
