@@ -26,12 +26,29 @@ def make(nodes: list[tuple[str, int]], config: HiConfig | None = None, queues=()
 
 
 def item(
-    name: str, share: int = 1000, cls: PriorityClass = LOW, t: float = 0.0, count: int = 1, queue: str = "default",
-    gang: str = "", gang_size: int = 1, memory: int = 0, min_runtime: float | None = None,
+    name: str,
+    share: int = 1000,
+    cls: PriorityClass = LOW,
+    t: float = 0.0,
+    count: int = 1,
+    queue: str = "default",
+    gang: str = "",
+    gang_size: int = 1,
+    memory: int = 0,
+    min_runtime: float | None = None,
 ) -> WorkItem:
     request = Request(device_count=count, share_milli=share, device_memory_mib=memory)
-    return WorkItem(name, request, cls, queue=queue, gang=gang, gang_size=gang_size, submit_time_s=t, name=name,
-                    min_runtime_s=min_runtime)
+    return WorkItem(
+        name,
+        request,
+        cls,
+        queue=queue,
+        gang=gang,
+        gang_size=gang_size,
+        submit_time_s=t,
+        name=name,
+        min_runtime_s=min_runtime,
+    )
 
 
 def run(hi: HiScheduler, now: float, *items: WorkItem):
@@ -308,8 +325,9 @@ def _drive(steps, reclaim: bool, gangs: bool):
             hi.started(s.item.id)
         for p in result.preemptions:
             by = hi.running.get(p.by)
-            log.append((classes[p.victim.id], by.item.priority_class if by else None, by.item.queue if by else None,
-                        borrowers))
+            log.append(
+                (classes[p.victim.id], by.item.priority_class if by else None, by.item.queue if by else None, borrowers)
+            )
             hi.requeue(p.victim.id, now)
         state = hi.state
         assert (state.free_share_milli >= 0).all() and (state.free_device_memory_mib >= 0).all()

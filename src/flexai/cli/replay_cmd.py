@@ -131,24 +131,25 @@ def replay(
 
 
 def _print_table(doc: dict) -> None:
-    table = Table(title="replay: mean over seeds (± 95 % interval)")
-    for column, justify in (
-        ("load", "right"),
-        ("scheduler", "left"),
-        ("allocated %", "right"),
-        ("busy %", "right"),
-        ("work done GPU-h", "right"),
-        ("high p99 s", "right"),
-        ("normal p99 s", "right"),
-        ("low p99 s", "right"),
-        ("preemptions", "right"),
-        ("lost % of work", "right"),
-        ("wall s", "right"),
-    ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    table = Table(title="replay: mean over seeds ± 95 % interval (delays: queueing p99, seconds)")
+    columns = (
+        "load",
+        "scheduler",
+        "alloc %",
+        "busy %",
+        "work GPU-h",
+        "high p99",
+        "normal p99",
+        "low p99",
+        "preempted",
+        "lost %",
+        "wall s",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column == "scheduler" else "right")
 
     def cell(value: dict, digits: int = 1) -> str:
-        return f"{value['mean']:,.{digits}f} ± {value['ci95']:,.{digits}f}"
+        return f"{value['mean']:,.{digits}f}±{value['ci95']:,.{digits}f}"
 
     for row in doc["summary"]:
         delay = row["queue_delay_s"]
@@ -163,6 +164,6 @@ def _print_table(doc: dict) -> None:
             cell(delay["low"]["p99"], 0),
             cell(row["preemptions"], 0),
             f"{row['lost_pct_of_work_done']:.2f}",
-            cell(row["wall_s"]),
+            f"{row['wall_s']['mean']:.1f}",
         )
     out.print(table)

@@ -478,7 +478,12 @@ class HiScheduler:
         return replace(request, allowed_models=frozenset(models))
 
     def _mask(self, item: WorkItem) -> np.ndarray | None:
+        """The reserved node is closed to work behind the head in line (work ahead of it may use it)."""
         if self._reserved_node is None or self._head == item.id:
+            return None
+        head_bucket = self._buckets.get(self._bucket_of.get(self._head or "", ()))
+        own_bucket = self._buckets.get(self._bucket_of.get(item.id, ()))
+        if head_bucket is not None and own_bucket is not None and self._order(own_bucket) < self._order(head_bucket):
             return None
         cached = self._mask_cache
         if cached is None or cached[0] != self._reserved_node:

@@ -53,12 +53,24 @@ REPLAY_SCHEDULERS: dict[str, ReplayScheduler] = {
             HiConfig(preemption="k8s-default", reservation=False, honour_protection=False, reclaim=False),
             "plain Kubernetes: whole GPUs, least-allocated, priority queue, default preemption of whole pods",
         ),
-        ReplayScheduler("fgd", "fgd", HiConfig(preemption="none", reservation=False, reclaim=False),
-                        "FGD placement of slices, priority then arrival order, no preemption"),
-        ReplayScheduler("flex", "flex", HiConfig(preemption="none", reservation=False, reclaim=False),
-                        "flex placement of slices, priority then arrival order, no preemption"),
-        ReplayScheduler("hi", "flex", HiConfig(normal_checkpoint_s=CHECKPOINT_S, preemption_delay_s=240.0),
-                        "flex placement under flexai.hi: fraction-aware preemption, backfill with reservation"),
+        ReplayScheduler(
+            "fgd",
+            "fgd",
+            HiConfig(preemption="none", reservation=False, reclaim=False),
+            "FGD placement of slices, priority then arrival order, no preemption",
+        ),
+        ReplayScheduler(
+            "flex",
+            "flex",
+            HiConfig(preemption="none", reservation=False, reclaim=False),
+            "flex placement of slices, priority then arrival order, no preemption",
+        ),
+        ReplayScheduler(
+            "hi",
+            "flex",
+            HiConfig(normal_checkpoint_s=CHECKPOINT_S, preemption_delay_s=240.0),
+            "flex placement under flexai.hi: fraction-aware preemption, backfill with reservation",
+        ),
     )
 }
 
@@ -129,14 +141,7 @@ def build_workload(trace: PodTrace, gpus: int, load: float, rng: np.random.Gener
     while offered < target:
         if copy >= len(shifts):
             shifts.append(float(rng.integers(0, int(window // DAY_S))) * DAY_S)
-        shift = shifts[copy]
-        batch = []
-        for i, arrival, work, leave, ran, resident in base:
-            start = w0 + shift if resident else w0 + ((arrival - w0 + shift) % window)
-            end = start + (leave - arrival) if not ran else start + work
-            demand = gpu_share[i] * (min(end, w1) - start) if ran else 0.0
-            batch.append((demand, ReplayPod(f"{copy}-{i}", i, start, work, start + (leave - arrival), ran,
-                                            resident and copy == 0)))
+        batch = _rotated_copy(base, copy, shifts[copy], w0, w1, gpu_share)
         copy_demand = sum(d for d, _ in batch)
         if offered + copy_demand <= target:
             pods.extend(p for _, p in batch)
@@ -153,6 +158,38 @@ def build_workload(trace: PodTrace, gpus: int, load: float, rng: np.random.Gener
             raise ReplayError(f"load={load} is not allowed here: the trace offers too little GPU-time for it")
     pods.sort(key=lambda p: (p.arrival_s, p.key))
     return Workload((w0, w1), tuple(pods), copy, offered / (gpus * window))
+
+
+def _rotated_copy(
+    base: list[tuple[int, float, float, float, bool, bool]],
+    copy: int,
+    shift: float,
+    w0: float,
+    w1: float,
+    gpu_share: np.ndarray,
+) -> list[tuple[float, ReplayPod]]:
+    """The trace rotated by ``shift`` inside the window: what runs past the end wraps round to its start (as a
+    resident), so every copy offers the same GPU-time with its peaks moved by whole days."""
+    window = w1 - w0
+    batch: list[tuple[float, ReplayPod]] = []
+    for i, arrival, work, leave, ran, resident in base:
+        start = w0 + ((arrival - w0 + shift) % window)
+        key = f"{copy}-{i}"
+        if not ran:
+            batch.append((0.0, ReplayPod(key, i, start, 0.0, start + (leave - arrival), False, False)))
+            continue
+        first = min(work, w1 - start)
+        batch.append(
+            (
+                gpu_share[i] * first,
+                ReplayPod(key, i, start, work if shift == 0 else first, start + work, True, resident and shift == 0),
+            )
+        )
+        wrapped = work - first if shift else 0.0
+        if wrapped > 0:
+            # The rest of a run that the rotation carried past the window's end runs from its start.
+            batch.append((gpu_share[i] * wrapped, ReplayPod(key + "w", i, w0, wrapped, w0 + wrapped, True, True)))
+    return batch
 
 
 def draw_subcluster(nodes: NodeList, gpus: int, rng: np.random.Generator) -> tuple[Node, ...]:
@@ -236,9 +273,24 @@ class ReplayResult:
 
     def json(self) -> dict[str, object]:
         keys = (
-            "scheduler", "load", "seed", "gpu_allocated_pct", "gpu_busy_pct", "work_done_gpu_hours", "queue_delay_s",
-            "completed", "abandoned", "preemptions", "preempted_over_3", "lost_gpu_hours", "wall_s", "pods",
-            "never_fit", "offered_load", "copies", "gpus",
+            "scheduler",
+            "load",
+            "seed",
+            "gpu_allocated_pct",
+            "gpu_busy_pct",
+            "work_done_gpu_hours",
+            "queue_delay_s",
+            "completed",
+            "abandoned",
+            "preemptions",
+            "preempted_over_3",
+            "lost_gpu_hours",
+            "wall_s",
+            "pods",
+            "never_fit",
+            "offered_load",
+            "copies",
+            "gpus",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -378,8 +430,14 @@ def run_replay(
                     continue
                 cls = QOS_CLASSES.get(request.qos, PriorityClass.NORMAL)
                 item = WorkItem(key, request, cls, submit_time_s=pod.arrival_s, name=key)
-                run = _PodRun(pod, item, request.total_share_milli / 1000.0, pod.work_s,
-                              int(rng.integers(len(duty))), float(rng.uniform(0, DAY_S)))
+                run = _PodRun(
+                    pod,
+                    item,
+                    request.total_share_milli / 1000.0,
+                    pod.work_s,
+                    int(rng.integers(len(duty))),
+                    float(rng.uniform(0, DAY_S)),
+                )
                 runs[key] = run
                 hi.submit(item, now)
                 if not pod.ran:
@@ -457,7 +515,9 @@ def run_replay(
             "busy_gpus": (hourly_busy / 3600.0).tolist(),
             **{
                 f"mean_delay_s_{label}": np.divide(
-                    hourly_delay[label], hourly_count[label], out=np.full(len(hours), np.nan),
+                    hourly_delay[label],
+                    hourly_count[label],
+                    out=np.full(len(hours), np.nan),
                     where=hourly_count[label] > 0,
                 ).tolist()
                 for label in hourly_delay

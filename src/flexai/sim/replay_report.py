@@ -50,8 +50,12 @@ def run_replays(
     done: Callable[[ReplayResult], None] | None = None,
 ) -> list[ReplayResult]:
     """Every (scheduler, load, seed), longest first, over ``workers`` processes (1: in this process)."""
-    tasks = [(trace, nodes, s, load, seed, gpus) for load in sorted(loads, reverse=True) for seed in seeds
-             for s in schedulers]
+    tasks = [
+        (trace, nodes, s, load, seed, gpus)
+        for load in sorted(loads, reverse=True)
+        for seed in seeds
+        for s in schedulers
+    ]
     results: list[ReplayResult] = []
     if workers <= 1 or len(tasks) == 1:
         for task in tasks:
@@ -110,12 +114,7 @@ def summarise(results: Sequence[ReplayResult]) -> list[dict[str, object]]:
 
 
 def document(trace: str, gpus: int, results: Sequence[ReplayResult]) -> dict[str, object]:
-    return {
-        "trace": trace,
-        "gpus": gpus,
-        "runs": [r.json() for r in results],
-        "summary": summarise(results),
-    }
+    return {"trace": trace, "gpus": gpus, "runs": [r.json() for r in results], "summary": summarise(results)}
 
 
 def write_json(path: Path, doc: dict[str, object]) -> None:
