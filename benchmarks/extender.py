@@ -238,6 +238,8 @@ def handler_means(metrics: str) -> str:
 def sustained(nodes: int, gpus: int, decisions: int) -> None:
     everyone = node_names(nodes)
     pending = [pod(f"s{k}", 1, SHARES[k % len(SHARES)], 2048) for k in range(decisions)]
+    for k, the_pod in enumerate(pending):  # as kube-scheduler sends them: from its cache, with a version
+        the_pod["metadata"]["resourceVersion"] = str(1000 + k)
     urls: multiprocessing.Queue = multiprocessing.get_context("spawn").Queue()  # type: ignore[type-arg]
     api = start(serve_api, urls)
     api_url = urls.get(timeout=60)
