@@ -183,26 +183,37 @@ def test_restart_re_adopts_running_jobs_and_keeps_the_queue(tmp_path: Path) -> N
     assert {second.store.job(j.id).state for j in jobs} == {"succeeded"}
 
 
-def test_backfill_never_starves_a_large_job(tmp_path: Path) -> None:
+def test_the_first_blocked_job_holds_its_devices_and_smaller_work_backfills_elsewhere(tmp_path: Path) -> None:
     clock = FakeClock()
-    backend, devices = discover("sim:1xA100-80GB")
-    pool = Pool(tmp_path / "state", backend, devices, PoolConfig(starvation_limit_s=10), clock=clock)
-    running = pool.submit(JobSubmission(gated_command(tmp_path / "release-0"), share_milli=500))
-    large = pool.submit(JobSubmission(gated_command(tmp_path / "release-1"), share_milli=1000, name="large"))
-    small = pool.submit(JobSubmission(gated_command(tmp_path / "release-2"), share_milli=300, name="small"))
+    backend, devices = discover("sim:1xA100-80GB,1xT4-16GB")
+    pool = Pool(tmp_path / "state", backend, devices, PoolConfig(), clock=clock)
+
+    def job(n: int, share: int, model: str = "", name: str = "") -> str:
+        command = gated_command(tmp_path / f"release-{n}")
+        return pool.submit(JobSubmission(command, share_milli=share, model=model, name=name)).id
+
+    running = job(0, 500, "A100")
     try:
         pool.tick()
-        # The large job cannot fit yet; the small one may fill the gap meanwhile (backfill).
-        assert [pool.store.job(j.id).state for j in (running, large, small)] == ["running", "queued", "running"]
-        clock.now += 11
-        late = pool.submit(JobSubmission(gated_command(tmp_path / "release-3"), share_milli=100, name="late"))
+        large, small, late = job(1, 1000, "A100", "large"), job(2, 300, "", "small"), job(3, 300, "A100", "late")
         pool.tick()
-        # The large job has waited past the limit: nothing more starts ahead of it, though "late" would fit.
-        assert pool.store.job(late.id).state == "queued"
+        # The large job cannot fit yet: it is first in line and holds the A100 (nothing starts there ahead of it,
+        # however long it waits); the small job may run on the T4 meanwhile (backfill).
+        assert [pool.store.job(j).state for j in (running, large, small, late)] == [
+            "running",
+            "queued",
+            "running",
+            "queued",
+        ]
+        assert pool.store.job(small).slices[0]["model"] == "T4"
+        reasons = {j["id"]: j["reason"] for j in map(pool.job_view, pool.store.jobs())}
+        assert reasons[large].startswith("needs 1 whole A100 on one node; at most 0 free")
+        clock.now += 34
+        pool.tick()
+        assert pool.reason(pool.store.job(late)) == f"held behind large ({large}), first in line for 34 s"
         (tmp_path / "release-0").touch()
-        (tmp_path / "release-2").touch()
-        wait_for(lambda: pool.store.job(large.id).state == "running", pool.tick)
-        assert pool.store.job(late.id).state == "queued"
+        wait_for(lambda: pool.store.job(large).state == "running", pool.tick)
+        assert pool.store.job(late).state == "queued"
     finally:
         release_all(tmp_path)
         wait_for(lambda: not pool.store.jobs(("running", "queued")), pool.tick, 30)
@@ -279,7 +290,7 @@ def test_recovery_requeues_a_start_that_never_happened_and_adopts_one_that_did(t
     import subprocess
     import sys
 
-    log, exit_file = first._paths(started.id)
+    log, exit_file = first.runner.paths(started.id)
     shim = subprocess.Popen(
         [
             sys.executable,
@@ -292,7 +303,7 @@ def test_recovery_requeues_a_start_that_never_happened_and_adopts_one_that_did(t
         ],
         start_new_session=True,
     )
-    wait_for(lambda: first._pid_file(started.id).exists())
+    wait_for(lambda: first.runner.pid_file(started.id).exists())
     first.store.update_job(started.id, state="running", slices=slices, pid=None)
     second = make_pool(tmp_path, "1xA100-80GB")
     try:

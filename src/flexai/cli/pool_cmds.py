@@ -1,4 +1,4 @@
-"""`flexai serve` and the pool's client commands: run, ps, pool, events, logs, cancel.
+"""`flexai serve` and the pool's client commands: run, ps, pool, queues, events, logs, cancel.
 
 Output: data on stdout (a job id, a table, JSON, a log), every error on stderr as one line. Exit codes: 0 done,
 2 bad input (refused here or by the daemon: any 4xx answer), 1 the daemon cannot be reached or failed (5xx).
@@ -67,6 +67,23 @@ def parse_memory(text: str) -> int:
     if value != int(value):
         fail(f"--memory={text!r} is not allowed: a whole number of MiB")
     return int(value)
+
+
+PRIORITY_CLASSES = ("high", "normal", "low")
+
+
+def parse_priority(value: str) -> tuple[str, int]:
+    """``--priority``: ``high|normal|low``, an integer (class normal with that priority) or ``CLASS:INT``
+    -> (class, integer priority). The integer's range is checked by the daemon."""
+    cls, colon, number = value.strip().lower().partition(":")
+    if not colon and re.fullmatch(r"[+-]?[0-9]+", cls):
+        return "normal", int(cls)
+    if cls in PRIORITY_CLASSES and (not colon or re.fullmatch(r"[+-]?[0-9]+", number)):
+        return cls, int(number) if colon else 0
+    fail(
+        f"--priority={value!r} is not allowed: high, normal, low, an integer (normal with that priority) "
+        "or CLASS:INT like high:5"
+    )
 
 
 def parse_since(value: str, now: float | None = None) -> float:
@@ -224,12 +241,23 @@ def serve(
     share_step: Annotated[int, typer.Option(help="Slice step in milli (100 = 10 %).")] = 100,
     lending: Annotated[bool, typer.Option(help="Lend share left idle to the jobs running on a device.")] = True,
     memory_grace: Annotated[float, typer.Option(help="Seconds a job may exceed its memory quota.")] = 5.0,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="TOML file with queues, quotas and preemption settings (see the README)."),
+    ] = None,
 ) -> None:
     """Run the pool daemon of this machine."""
+    from flexai.local.config import ConfigError, PoolSettings, load_config
     from flexai.local.daemon import serve as run_server
     from flexai.local.pool import Pool, PoolConfig
     from flexai.node.devices import DiscoveryError, discover
 
+    settings = PoolSettings()
+    if config is not None:
+        try:
+            settings = load_config(config)
+        except ConfigError as exc:
+            fail(f"--config={str(config)!r}: {exc}")
     directory = state_dir(state)
     address = None
     token = None
@@ -260,12 +288,24 @@ def serve(
         backend, found = discover(devices)
     except (DiscoveryError, ValueError) as exc:
         fail(str(exc))
+    models = sorted({d.model for d in found})
+    for model, key in settings.models_named().items():
+        if model not in models:
+            fail(f"--config={str(config)!r}: {key} is not allowed: this pool has {', '.join(models) or 'no devices'}")
     try:
         pool = Pool(
             directory,
             backend,
             found,
-            PoolConfig(share_step_milli=share_step, lending=lending, memory_grace_s=memory_grace, job_umask=job_umask),
+            PoolConfig(
+                share_step_milli=share_step,
+                lending=lending,
+                memory_grace_s=memory_grace,
+                job_umask=job_umask,
+                hi=settings.hi,
+                queues=settings.queues,
+                preemption_grace_s=settings.preemption_grace_s,
+            ),
         )
     except (ValueError, RuntimeError, OSError, sqlite3.Error) as exc:
         fail(f"cannot open the pool state in {directory}: {exc}")
@@ -282,7 +322,16 @@ def run(
     memory: Annotated[str, typer.Option(help="Device memory per device: 8GiB or 8192MiB (0 = no quota).")] = "0MiB",
     count: Annotated[int, typer.Option(help="Number of devices.")] = 1,
     model: Annotated[str, typer.Option(help="Device model to run on (default: any).")] = "",
-    priority: Annotated[int, typer.Option(help="Higher starts first (-1000000..1000000).")] = 0,
+    priority: Annotated[
+        str,
+        typer.Option(
+            help="high (never preempted), normal (preemptible after a minimum runtime), low (preemptible any "
+            "time), an integer (normal, higher first, -1000000..1000000) or CLASS:INT like high:5."
+        ),
+    ] = "normal",
+    queue: Annotated[str, typer.Option(help="The queue to wait in (queues come from `flexai serve --config`).")] = (
+        "default"
+    ),
     name: Annotated[str, typer.Option(help="A name for the job.")] = "",
     wait: Annotated[bool, typer.Option("--wait", help="Stream the output and exit with the job's exit code.")] = False,
 ) -> None:
@@ -291,13 +340,16 @@ def run(
         fail("command=[] is not allowed: give the command to run after --, like `flexai run -- python train.py`")
     for i, part in enumerate(command):
         _utf8_or_fail(part, f"command[{i}]")
+    priority_class, priority_value = parse_priority(priority)
     body = {
         "command": command,
         "share_milli": parse_share(share),
         "memory_mib": parse_memory(memory),
         "count": count,
         "model": _utf8_or_fail(model, "--model"),
-        "priority": priority,
+        "priority": priority_value,
+        "priority_class": priority_class,
+        "queue": _utf8_or_fail(queue, "--queue"),
         "name": _utf8_or_fail(name, "--name"),
         "cwd": _utf8_or_fail(os.getcwd(), "the working directory"),
         "env": _environment(),
@@ -333,15 +385,61 @@ def ps(state: StateOption = None, as_json: JsonOption = False) -> None:
     if as_json:
         print(json.dumps(jobs, indent=2))
         return
+    # The queue column only when some job is in another queue than the default one (a narrower table).
+    with_queue = any(j.get("queue", "default") != "default" for j in jobs)
     table = Table()
-    for column in ("id", "name", "state", "request", "slices", "priority", "reason"):
+    for column in ("id", "name", "state", "priority", *(["queue"] if with_queue else []), "request", "slices"):
         table.add_column(column)
+    table.add_column("reason")
     for j in jobs:
         slices = ", ".join(f"#{s['device']}" for s in j["slices"] or [])
         request = f"{j['device_count']} x {j['share_milli'] / 10:g}%" + (
             f", {j['memory_mib']} MiB" if j["memory_mib"] else ""
         )
-        table.add_row(*map(text, (j["id"], j["name"], j["state"], request, slices, j["priority"], j["reason"])))
+        shown = j.get("priority_class", "normal") + (f":{j['priority']}" if j["priority"] else "")
+        queue = [j.get("queue", "")] if with_queue else []
+        table.add_row(*map(text, (j["id"], j["name"], j["state"], shown, *queue, request, slices, j["reason"])))
+    out.print(table)
+
+
+def _devices(milli: int | None) -> str:
+    if milli is None:
+        return "no limit"
+    return f"{milli / 1000:g}"
+
+
+@app.command()
+def queues(state: StateOption = None, as_json: JsonOption = False) -> None:
+    """Show each queue: its guarantee, borrowing limit, what it uses and borrows, and its pending jobs."""
+    rows = PoolClient(state_dir(state)).call("GET", "/api/v1/queues")
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=text("queues (devices; * = any model)"))
+    for column in ("queue", "weight", "bucket", "guaranteed", "borrowing limit", "in use", "borrowed", "pending"):
+        table.add_column(column)
+    for q in rows:
+        buckets = q["buckets"] or [
+            {"bucket": "*", "guarantee_share_milli": 0, "borrowing_limit_share_milli": None, "used_share_milli": 0}
+        ]
+        for n, b in enumerate(buckets):
+            first = n == 0
+            memory = f" + {_mib(b['guarantee_memory_mib'])}" if b.get("guarantee_memory_mib") else ""
+            table.add_row(
+                *map(
+                    text,
+                    (
+                        q["queue"] if first else "",
+                        f"{q['weight']:g}" if first else "",
+                        b["bucket"],
+                        _devices(b["guarantee_share_milli"]) + memory,
+                        _devices(b["borrowing_limit_share_milli"]),
+                        _devices(b["used_share_milli"]),
+                        _devices(q["borrowed_share_milli"]) if first else "",
+                        q["pending"] if first else "",
+                    ),
+                )
+            )
     out.print(table)
 
 
@@ -358,7 +456,8 @@ def pool(state: StateOption = None, as_json: JsonOption = False) -> None:
     if as_json:
         print(json.dumps(view, indent=2))
         return
-    table = Table(title=text(f"{view['backend']} pool: {view['running']} running, {view['queued']} queued"))
+    preempted = f", {view['preempted']} preempted" if view.get("preempted") else ""
+    table = Table(title=text(f"{view['backend']} pool: {view['running']} running, {view['queued']} queued{preempted}"))
     for column in ("device", "model", "busy", "memory used", "slices (share, memory used / quota)", "free"):
         table.add_column(column)
     for d in view["devices"]:

@@ -230,7 +230,9 @@ class HiScheduler:
             return ""
         bucket = self._buckets[key]
         reason = bucket.reason
-        if isinstance(reason, tuple):
+        if isinstance(reason, tuple) and reason[0] == "held":
+            reason = self._held_reason(self._now_s)  # how long the head has waited: as of the last cycle
+        elif isinstance(reason, tuple):
             kind, request = reason
             text = self._resource_reason(request)  # type: ignore[arg-type]
             if kind == "resources-preempt":
@@ -518,7 +520,7 @@ class HiScheduler:
                 raise RuntimeError(outcome.reason)
             bucket.blocked_version = self._version
             held = outcome.reason.startswith("fits only on nodes held")
-            bucket.reason = self._held_reason(now_s) if held else ("resources", request)
+            bucket.reason = ("held", request) if held else ("resources", request)
         if self.preemption is not None and self._may_preempt(item):
             ready_s = self._pending_since.get(item.id, now_s) + self.config.preemption_delay_s
             if now_s < ready_s:
@@ -528,7 +530,7 @@ class HiScheduler:
             if self._try_preempt(item, request, now_s, result, bucket):
                 return True
             bucket.preempt_blocked = (self._victim_version, self._protection_ends(now_s))
-            if item.priority_class > PriorityClass.LOW and isinstance(bucket.reason, tuple):
+            if item.priority_class > PriorityClass.LOW and bucket.reason[:1] == ("resources",):
                 bucket.reason = ("resources-preempt", bucket.reason[-1])
         self._maybe_reserve(bucket, item, now_s)
         return False
@@ -544,7 +546,9 @@ class HiScheduler:
 
     def _held_reason(self, now_s: float) -> str:
         head = self.pending.get(self._head or "")
-        label = head.label if head else self._head
+        if head is None:
+            return "the room it fits in was held for work ahead of it in line; it is tried again"
+        label = head.label
         return f"held behind {label}, first in line for {now_s - self._head_since_s:.0f} s"
 
     def _resource_reason(self, request: Request) -> str:

@@ -12,7 +12,7 @@ import hmac
 import threading
 from collections.abc import Iterator
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.encoders import jsonable_encoder
@@ -23,7 +23,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flexai import __version__
-from flexai.local.pool import JobSubmission, Pool, SubmitError
+from flexai.local.config import QUEUE_NAME
+from flexai.local.pool import DEFAULT_QUEUE, JobSubmission, Pool, SubmitError
 from flexai.local.store import ACTIVE_STATES, JobRecord
 
 MAX_BODY_BYTES = 1 << 20
@@ -74,7 +75,18 @@ class SubmitBody(BaseModel):
     memory_mib: int = Field(0, ge=0, le=MAX_MEMORY_MIB, description="Device memory per device (MiB); 0 = no quota.")
     count: int = Field(1, ge=1, le=64, description="Number of devices.")
     model: str = Field("", max_length=MAX_NAME_CHARS, description="Device model the job must run on; empty = any.")
-    priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY, description="Higher starts first.")
+    priority: int = Field(
+        0, ge=-MAX_PRIORITY, le=MAX_PRIORITY, description="Orders jobs inside their priority class: higher first."
+    )
+    priority_class: Literal["high", "normal", "low"] = Field(
+        "normal",
+        description="high: never preempted; normal: preemptible after a minimum runtime; low: preemptible any time.",
+    )
+    queue: str = Field(
+        DEFAULT_QUEUE,
+        pattern=f"^{QUEUE_NAME.pattern}$",
+        description="The queue (tenant line) it waits in; `default`, or one named in the daemon's --config.",
+    )
     name: str = Field("", max_length=MAX_NAME_CHARS)
     cwd: str = Field("/", min_length=1, max_length=MAX_PATH_CHARS, description="Working directory (absolute).")
     env: dict[EnvText, EnvText] = Field(
@@ -150,8 +162,10 @@ class JobView(_Open):
     memory_mib: int
     model: str
     priority: int
-    state: str
-    reason: str
+    priority_class: str
+    queue: str
+    state: str = Field(description="queued, running, preempted, succeeded, failed, cancelled, stopped or lost.")
+    reason: str = Field(description="Why it is in its state now (for waiting work: what it waits for).")
     exit_code: int | None
     pid: int | None
     slices: list[SliceGrant] | None
@@ -189,6 +203,26 @@ class PoolView(_Open):
     devices: list[DeviceView]
     running: int
     queued: int
+    preempted: int = Field(0, description="Jobs stopped to seat higher-class work, waiting to start again.")
+
+
+class QuotaBucket(_Open):
+    bucket: str = Field(description="A device model, or * for any model the queue names no bucket for.")
+    guarantee_share_milli: int
+    borrowing_limit_share_milli: int | None = Field(description="Beyond the guarantee; null = no limit.")
+    used_share_milli: int
+    guarantee_memory_mib: int
+    used_memory_mib: int
+
+
+class QueueView(_Open):
+    queue: str
+    weight: float
+    buckets: list[QuotaBucket]
+    used_share_milli: int
+    borrowed_share_milli: int = Field(description="Share in use beyond the guarantee (borrowed from idle capacity).")
+    used_cpu_milli: int
+    pending: int = Field(description="Jobs waiting in this queue (queued or preempted).")
 
 
 class EventView(_Open):
@@ -326,7 +360,7 @@ def create_app(pool: Pool, lock: threading.RLock, token: str | None = None) -> F
     @app.get("/api/v1/jobs", dependencies=guarded, responses=_errors(*auth))
     def list_jobs() -> list[JobView]:
         with lock:
-            return [JobView.model_validate(j.public()) for j in pool.store.jobs()]
+            return [JobView.model_validate(pool.job_view(j)) for j in pool.store.jobs()]
 
     @app.post("/api/v1/jobs", status_code=201, dependencies=guarded, responses=_errors(400, 413, *auth))
     def submit(body: SubmitBody) -> JobView:
@@ -336,17 +370,24 @@ def create_app(pool: Pool, lock: threading.RLock, token: str | None = None) -> F
             except SubmitError as exc:
                 raise HTTPException(status_code=400, detail=str(exc)) from None
             pool.tick()
-            return JobView.model_validate((pool.store.job(job.id) or job).public())
+            return JobView.model_validate(pool.job_view(pool.store.job(job.id) or job))
 
     @app.get("/api/v1/jobs/{job_id}", dependencies=guarded, responses=_errors(404, *auth))
     def get_job(job_id: JobRef) -> JobView:
-        return JobView.model_validate(find(job_id).public())
+        job = find(job_id)
+        with lock:
+            return JobView.model_validate(pool.job_view(job))
 
     @app.post("/api/v1/jobs/{job_id}/cancel", dependencies=guarded, responses=_errors(404, 413, *auth))
     def cancel(job_id: JobRef) -> JobView:
         job = find(job_id)
         with lock:
-            return JobView.model_validate(pool.cancel(job.id).public())
+            return JobView.model_validate(pool.job_view(pool.cancel(job.id)))
+
+    @app.get("/api/v1/queues", dependencies=guarded, responses=_errors(*auth))
+    def queues() -> list[QueueView]:
+        with lock:
+            return [QueueView.model_validate(q) for q in pool.queue_view()]
 
     @app.get(
         "/api/v1/jobs/{job_id}/logs",

@@ -1,8 +1,16 @@
-"""The embedded pool: one machine's devices, a job queue placed by the engine, processes held to their slices.
+"""The embedded pool: one machine's devices, jobs decided by the Hi Scheduler, processes held to their slices.
 
-`Pool` has no HTTP in it: the daemon (`flexai serve`) calls `tick()` and `timeslice()` from its loop and the
-API calls `submit`, `cancel` and the views. Devices are grouped by (model, memory); each group is a node of
-the engine's ClusterState, so a job's devices are always of one model, and the `flex` policy places it.
+`Pool` is the coordinator and has no HTTP in it: the daemon (`flexai serve`) calls `tick()` and `timeslice()`
+from its loop and the API calls `submit`, `cancel` and the views. Devices are grouped by (model, memory); each
+group is a node of the engine's ClusterState, so a job's devices are always of one model. What starts, in
+which order, what backfills, what is preempted and what each queue may use is decided by ``flexai.hi``
+(``HiScheduler``, whose engine owns the one ledger); the pool carries the decisions out:
+
+- ``Start``: start the job's process (``flexai.local.runner``) once the victims named in ``after`` are gone;
+- ``Preempt``: SIGCONT + SIGTERM to the victim's command, SIGKILL after ``preemption_grace_s``; once it has
+  stopped, ``hi.requeue`` puts it back in its queue (state ``preempted``) and it starts again when it fits.
+
+Time-slicing lives in ``flexai.local.slicer``, the durable state in ``flexai.local.store``.
 """
 
 from __future__ import annotations
@@ -10,24 +18,28 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flexai.local.procfs import process_group_and_session, process_start_ticks, process_state, processes_of
+from flexai.hi import HiConfig, HiError, HiScheduler, Preempt, PriorityClass, QueueSpec, Start, WorkItem
+from flexai.local.procfs import process_group_and_session, process_start_ticks, processes_of
+from flexai.local.runner import Handle, Runner
 from flexai.local.shim import write_private
-from flexai.local.store import ACTIVE_STATES, JobRecord, Store, make_private_tree
+from flexai.local.slicer import TimeSlicer
+from flexai.local.store import ACTIVE_STATES, WAITING_STATES, JobRecord, Store, make_private_tree
 from flexai.model import ClusterState, LedgerError, Node, Placement, Request, RequestError
 from flexai.model.workload import WorkloadProfile
 from flexai.node.devices import DeviceBackend, DeviceInfo
 from flexai.node.environment import slice_environment
-from flexai.scheduler import PolicyContext, Scheduler, Status, create_policy
+from flexai.scheduler import PolicyContext, Scheduler, create_policy
 
 MIB_PER_GIB = 1024
+DEFAULT_QUEUE = "default"
+PRIORITY_CLASSES = tuple(c.label for c in sorted(PriorityClass, reverse=True))
+"""('high', 'normal', 'low')"""
 
 
 class SubmitError(ValueError):
@@ -44,14 +56,18 @@ class PoolConfig:
     """Share left idle on a device is lent to the jobs running there; off = strict isolation."""
     timeslice_period_s: float = 0.5
     """One time-slicing cycle; each contending job runs for its share of it."""
-    starvation_limit_s: float = 30.0
-    """After the first job in queue order has waited this long, nothing starts ahead of it."""
     contention_utilisation_pct: float = 90.0
     """Jobs sharing a device are time-sliced only while the device is this busy (or cannot tell)."""
     policy: str = "flex"
     job_umask: int | None = None
     """The umask jobs run with; None = the umask of the process that creates the pool. The pool's own files are
     private (0600 in a 0700 folder) whatever the umask."""
+    hi: HiConfig = field(default_factory=HiConfig)
+    """Order, backfill with reservation, preemption and its protections (``flexai.hi``)."""
+    queues: tuple[QueueSpec, ...] = ()
+    """Queues with guarantees and borrowing limits; ``default`` exists always."""
+    preemption_grace_s: float = 10.0
+    """A preempted job gets SIGTERM, then SIGKILL this long after if it has not ended."""
 
 
 @dataclass
@@ -62,19 +78,24 @@ class JobSubmission:
     count: int = 1
     model: str = ""
     priority: int = 0
+    priority_class: str = "normal"
+    queue: str = DEFAULT_QUEUE
     name: str = ""
     cwd: str = "/"
     env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
-class _Running:
-    record: JobRecord
-    process: subprocess.Popen[bytes] | None
-    over_quota_since: float | None = None
-    stopped_by_slicer: bool = False
-    job_group: int | None = None
-    """Process group of the command (inside the shim's session); the slicer pauses this group, never the shim."""
+class _Stop:
+    """A job being stopped: preempted (Hi holds it as stopping) or found stopping after a restart."""
+
+    handle: Handle
+    kill_at: float
+    then: str
+    """What to tell Hi once it is gone: ``requeue`` (Hi's victim), ``release`` (adopted as running after a
+    restart: release, then submit again) or ``submit`` (Hi does not know it)."""
+    killed: bool = False
+    cancel: bool = False
 
 
 class Pool:
@@ -95,13 +116,17 @@ class Pool:
         self.logs_dir = state_dir / "logs"
         make_private_tree(state_dir, self.logs_dir)
         if self.config.job_umask is not None:
-            self._job_umask = self.config.job_umask
+            job_umask = self.config.job_umask
         else:
-            self._job_umask = os.umask(0o077)
-            os.umask(self._job_umask)
+            job_umask = os.umask(0o077)
+            os.umask(job_umask)
         # Every shim watches this file and resumes its job when the process named here is gone.
         self.owner_file = state_dir / "pool.owner"
         write_private(str(self.owner_file), f"{os.getpid()} {process_start_ticks(os.getpid())}\n")
+        self.runner = Runner(self.logs_dir, self.owner_file, job_umask)
+        self.slicer = TimeSlicer(
+            self.runner, self.config.timeslice_period_s, self.config.lending, self.config.contention_utilisation_pct
+        )
         self.backend = backend
         self.devices = devices
         self.clock = clock
@@ -122,7 +147,16 @@ class Pool:
             for (model, memory), members in groups.items()
         ]
         self.state = ClusterState(nodes)
-        self._running: dict[str, _Running] = {}
+        self._profile_jobs = self.store.job_count()
+        engine = Scheduler(self.state, create_policy(self.config.policy, PolicyContext(profile=self._profile())))
+        self.hi = HiScheduler(engine, self.config.hi, self.config.queues)
+        """Decides everything; its engine owns the pool's one ledger (``self.state``)."""
+        self.hi.queues.ensure(DEFAULT_QUEUE)
+        self.queue_names = sorted({DEFAULT_QUEUE, *(q.name for q in self.config.queues)})
+        self._running: dict[str, Handle] = {}
+        self._stopping: dict[str, _Stop] = {}
+        self._starting: dict[str, Start] = {}
+        """Started by Hi (slices reserved), waiting for the victims in ``after`` to be gone."""
         self._utilisation_pct: dict[int, float | None] = {}
         self._device_memory_used_mib: dict[int, int | None] = {}
         self._job_memory_mib: dict[str, dict[int, int]] = {}
@@ -130,9 +164,6 @@ class Pool:
         self._memory_read: set[int] = set()
         """Devices whose per-process memory the last reading could tell."""
         self._utilisation_read_at = float("-inf")
-        self._head_waiting_since: dict[str, float] = {}
-        self._profile_jobs = -1
-        self._scheduler = self._new_scheduler()
         self.utilisation_history: list[dict[str, object]] = []
         self.store.put_meta("devices", [_device_dict(d) for d in devices])
         self.recover()
@@ -146,10 +177,12 @@ class Pool:
             history += [Request(device_count=1, share_milli=s) for s in range(step, 1001, step)]
         return WorkloadProfile.from_requests(history, coverage=1.0)
 
-    def _new_scheduler(self) -> Scheduler:
+    def _refresh_policy(self) -> None:
+        """A policy that knows the shapes seen lately, on the same engine and ledger."""
         self._profile_jobs = self.store.job_count()
         policy = create_policy(self.config.policy, PolicyContext(profile=self._profile()))
-        return Scheduler(self.state, policy)
+        policy.bind_state(self.state)
+        self.hi.engine.policy = policy
 
     def _request(self, job: JobRecord | JobSubmission) -> Request:
         return Request(
@@ -159,6 +192,23 @@ class Pool:
             allowed_models=frozenset({job.model}) if job.model else frozenset(),
             priority=job.priority,
         )
+
+    def _item(self, job: JobRecord, submit_time_s: float | None = None) -> WorkItem:
+        """The job as Hi sees it; its submit time (which orders it) in this pool's clock."""
+        return WorkItem(
+            id=job.id,
+            request=self._request(job),
+            priority_class=PriorityClass.parse(job.priority_class),
+            priority=job.priority,
+            queue=job.queue,
+            submit_time_s=self._since(job.submitted_at) if submit_time_s is None else submit_time_s,
+            name=f"{job.name} ({job.id})",
+        )
+
+    def _since(self, wall_ts: float | None) -> float:
+        """A wall-clock time (as the store keeps it) in this pool's clock."""
+        now = self.clock()
+        return now if wall_ts is None else now - max(0.0, time.time() - wall_ts)
 
     # ------------------------------------------------------------------ submit
     def validate(self, sub: JobSubmission) -> Request:
@@ -182,11 +232,18 @@ class Pool:
             raise SubmitError(f"memory={sub.memory_mib}MiB is not allowed: 0..{largest}MiB (the largest device here)")
         if sub.count > 1 and sub.share_milli < 1000:
             raise SubmitError(f"share={sub.share_milli}m is not allowed with count={sub.count}: 1000m per device")
+        if sub.priority_class not in PRIORITY_CLASSES:
+            raise SubmitError(f"priority_class={sub.priority_class!r} is not allowed: {', '.join(PRIORITY_CLASSES)}")
+        if sub.queue not in self.queue_names:
+            raise SubmitError(
+                f"queue={sub.queue!r} is not allowed: {', '.join(self.queue_names)} "
+                "(queues come from `flexai serve --config`)"
+            )
         try:
             request = self._request(sub)
         except RequestError as exc:
             raise SubmitError(str(exc)) from None
-        if not self._scheduler.ever_fits(request):
+        if not self.hi.engine.ever_fits(request):
             raise SubmitError(
                 f"count={sub.count} share={sub.share_milli}m memory={sub.memory_mib}MiB can never fit on this machine"
             )
@@ -205,24 +262,60 @@ class Pool:
             memory_mib=sub.memory_mib,
             model=sub.model,
             priority=sub.priority,
+            priority_class=sub.priority_class,
+            queue=sub.queue,
         )
-        return self.store.insert_job(job, f"queued {job.name}: {sub.count} x {sub.share_milli}m, {sub.memory_mib} MiB")
+        now = self.clock()
+        try:
+            item = self._item(job, submit_time_s=now)
+        except HiError as exc:
+            raise SubmitError(str(exc)) from None
+        shown = f"{sub.priority_class}" + (f":{sub.priority}" if sub.priority else "")
+        job = self.store.insert_job(
+            job,
+            f"queued {job.name} in queue {job.queue} ({shown}): {sub.count} x {sub.share_milli}m, {sub.memory_mib} MiB",
+        )
+        self.hi.submit(item, now)
+        return job
 
     def cancel(self, job_id: str) -> JobRecord:
         job = self.store.job(job_id)
         if job is None:
             raise KeyError(f"job {job_id!r} not found")
-        if job.state == "queued":
-            self.store.update_job(
-                job.id, "cancelled", "cancelled while queued", state="cancelled", ended_at=time.time()
-            )
+        if job.id in self._stopping:  # preempted, still stopping: no grace left to wait for
+            stop = self._stopping[job.id]
+            stop.cancel = True
+            self.runner.kill(stop.handle)
+            self.runner.wait(stop.handle, 10)
+            if not self._gone(stop.handle):
+                return self.store.job(job.id)  # type: ignore[return-value]  # the next tick finishes it
+            self._stopped(job.id)
+        elif job.id in self._starting:
+            del self._starting[job.id]
+            self.hi.release(job.id)
+            self._cancelled(job)
+        elif job.state in WAITING_STATES:
+            self.hi.withdraw(job.id)
+            self._cancelled(job)
         elif job.state == "running":
             self._kill(job.id, "cancelled", "cancelled by request")
         return self.store.job(job.id)  # type: ignore[return-value]
 
+    def _cancelled(self, job: JobRecord) -> None:
+        self.store.update_job(
+            job.id,
+            "cancelled",
+            f"cancelled while {job.state}",
+            state="cancelled",
+            reason=f"cancelled while {job.state}",
+            pid=None,
+            slices=None,
+            ended_at=time.time(),
+        )
+
     # ------------------------------------------------------------------ loop
     def tick(self) -> None:
-        """Reap finished jobs, enforce memory quotas, start what fits. Called often by the daemon."""
+        """Reap finished and stopped jobs, enforce memory quotas, carry out Hi's decisions. Called often."""
         self._read_utilisation()
         self._reap()
         self._watch_memory()
@@ -232,21 +325,26 @@ class Pool:
     def _schedule(self) -> None:
         # Every tick: a COUNT, not a read of the whole job history.
         if self.store.job_count() - self._profile_jobs >= 50:
-            self._scheduler = self._new_scheduler()
-        queued = sorted(self.store.jobs(("queued",)), key=lambda j: (-j.priority, j.seq))
-        head_blocked: JobRecord | None = None
+            self._refresh_policy()
         now = self.clock()
-        for job in queued:
-            if head_blocked is not None:
-                waited = now - self._head_waiting_since.setdefault(head_blocked.id, now)
-                if waited >= self.config.starvation_limit_s:
-                    break  # drain: nothing more starts ahead of the long-waiting head
-            result = self._scheduler.schedule(self._request(job), job.id)
-            if result.status is Status.SCHEDULED and result.placement is not None:
-                self._head_waiting_since.pop(job.id, None)
-                self._start(job, result.placement)
-            elif head_blocked is None:
-                head_blocked = job
+        result = self.hi.cycle(now)
+        for preempt in result.preemptions:
+            self._preempt(preempt, now)
+        for start in result.starts:
+            self._starting[start.item.id] = start
+            if start.after:
+                victims = ", ".join(start.after)
+                self.store.event(start.item.id, "starting", f"{start.reason}; starts once {victims} stopped")
+        for job_id, start in list(self._starting.items()):
+            if any(victim in self._stopping for victim in start.after):
+                continue  # its slices are held in the ledger meanwhile
+            del self._starting[job_id]
+            job = self.store.job(job_id)
+            if job is None or job.state not in WAITING_STATES:
+                self.hi.release(job_id)
+                continue
+            self._start(job, start.placement)
+            self.hi.started(job_id)
 
     def _slices(self, placement: Placement) -> list[dict[str, object]]:
         group = self.group_devices[placement.node_index]
@@ -265,67 +363,24 @@ class Pool:
         """The job's own environment plus what every slice holder gets (``flexai.node.environment``)."""
         return {**job.env, **slice_environment(self.backend, job.id, slices)}
 
-    def _paths(self, job_id: str) -> tuple[Path, Path]:
-        return self.logs_dir / f"{job_id}.log", self.logs_dir / f"{job_id}.exit"
-
-    def _pid_file(self, job_id: str) -> Path:
-        return self.logs_dir / f"{job_id}.pid"
-
-    def _group_file(self, job_id: str) -> Path:
-        return self.logs_dir / f"{job_id}.group"
-
     def job_group(self, job_id: str) -> int | None:
         """Process group of a running job's command (what the slicer pauses); None until the shim has started it."""
-        running = self._running.get(job_id)
-        if running is None or running.record.pid is None:
-            return None
-        if running.job_group is None:
-            try:
-                group = int(self._group_file(job_id).read_text().strip())
-            except (OSError, ValueError):
-                return None
-            # Only a group of this job's own session (the shim's): never signal a stranger's reused pid.
-            if process_group_and_session(group) == (group, running.record.pid):
-                running.job_group = group
-        return running.job_group
+        handle = self._running.get(job_id)
+        return None if handle is None else self.runner.job_group(handle)
 
     def log_path(self, job_id: str) -> Path:
-        return self._paths(job_id)[0]
+        return self.runner.paths(job_id)[0]
 
     def _start(self, job: JobRecord, placement: Placement) -> None:
         slices = self._slices(placement)
-        log, exit_file = self._paths(job.id)
-        exit_file.unlink(missing_ok=True)
-        self._pid_file(job.id).unlink(missing_ok=True)
-        self._group_file(job.id).unlink(missing_ok=True)
+        again = job.state == "preempted"
         # Recorded before the process exists: a daemon killed right after Popen finds the job "running"
         # with its slices and adopts it through the shim's pid file instead of starting it twice.
         self.store.update_job(job.id, state="running", slices=slices, pid=None)
         try:
-            env = self.job_environment(job, slices)
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "flexai.local.shim",
-                    str(exit_file),
-                    str(log),
-                    "--watch",
-                    str(self.owner_file),
-                    "--umask",
-                    f"{self._job_umask:o}",
-                    "--",
-                    *job.command,
-                ],
-                cwd=job.cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            process = self.runner.start(job, self.job_environment(job, slices))
         except Exception as exc:  # noqa: BLE001  (OSError, or ValueError for a NUL byte: the job fails, the pool goes on)
-            self.state.unreserve(job.id)
+            self.hi.release(job.id)
             self.store.update_job(
                 job.id,
                 "failed",
@@ -336,67 +391,136 @@ class Pool:
                 ended_at=time.time(),
             )
             return
-        job.pid = process.pid
+        job.pid, job.pid_start_ticks = process.pid, process_start_ticks(process.pid)
         job.state = "running"
         job.slices = slices
+        job.reason = "restarted after preemption" if again else ""
+        where = ", ".join(f"device {s['device']} ({s['share_milli']}m)" for s in slices)
         self.store.update_job(
             job.id,
-            "started",
-            "started on " + ", ".join(f"device {s['device']} ({s['share_milli']}m)" for s in slices),
+            "restarted" if again else "started",
+            ("restarted after preemption on " if again else "started on ") + where,
             state="running",
-            pid=process.pid,
-            pid_start_ticks=process_start_ticks(process.pid),
+            reason=job.reason,
+            pid=job.pid,
+            pid_start_ticks=job.pid_start_ticks,
             slices=slices,
             started_at=time.time(),
         )
-        self._running[job.id] = _Running(job, process)
+        self._running[job.id] = Handle(job, process)
 
     def _finish(self, job_id: str, state: str, reason: str, exit_code: int | None) -> None:
-        running = self._running.pop(job_id, None)
+        handle = self._running.pop(job_id, None)
         self._job_memory_mib.pop(job_id, None)
-        if running and running.process is not None:
-            running.process.poll()
-        self.state.unreserve(job_id)
+        if handle and handle.process is not None:
+            handle.process.poll()
+        self.hi.release(job_id)
         self.store.update_job(
             job_id, state, reason or state, state=state, reason=reason, exit_code=exit_code, ended_at=time.time()
         )
 
     def _reap(self) -> None:
-        for job_id, running in list(self._running.items()):
-            _, exit_file = self._paths(job_id)
-            if running.process is not None:
-                running.process.poll()
-            alive = _alive(running.record.pid, running.record.pid_start_ticks)
-            if exit_file.exists():
-                code = int(exit_file.read_text().strip() or 1)
-                if alive and running.process is not None and running.process.returncode is None:
+        for job_id, handle in list(self._running.items()):
+            alive = self.runner.shim_alive(handle)
+            code = self.runner.exit_code(job_id)
+            if code is not None:
+                if alive and handle.process is not None and handle.process.returncode is None:
                     continue  # the shim is still writing out
                 self._finish(job_id, "succeeded" if code == 0 else "failed", f"exit code {code}", code)
             elif not alive:
                 self._finish(job_id, "lost", "the job's process ended without recording an exit status", None)
+        now = self.clock()
+        for job_id, stop in list(self._stopping.items()):
+            if self._gone(stop.handle):
+                self._stopped(job_id)
+            elif not stop.killed and now >= stop.kill_at:
+                stop.killed = True
+                self._kill_session(stop.handle)
+                self.store.event(
+                    job_id, "killed", f"still running {self.config.preemption_grace_s:g} s after SIGTERM: SIGKILL"
+                )
+
+    def _gone(self, handle: Handle) -> bool:
+        """The job's shim and every process of its session have ended."""
+        if self.runner.shim_alive(handle):
+            return False
+        shim = handle.record.pid
+        # A session id is not reused while any member lives, so these are the job's own processes.
+        return shim is None or all(state == "Z" for _, state in processes_of(shim))
+
+    def _kill_session(self, handle: Handle) -> None:
+        self.runner.kill(handle)
+        if handle.record.pid is not None and not self.runner.shim_alive(handle):
+            for pid, _ in processes_of(handle.record.pid):  # left behind by a shim that is gone
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def _kill(self, job_id: str, state: str, reason: str) -> None:
-        running = self._running.get(job_id)
-        if running is None or running.record.pid is None:
+        handle = self._running.get(job_id)
+        if handle is None or handle.record.pid is None:
             return
-        shim = running.record.pid
-        if _alive(shim, running.record.pid_start_ticks):  # never signal a group whose leader pid was reused
-            # The shim's session holds the whole job: the shim's group, the command's group and any group the
-            # command made. The shim goes first so that it records nothing.
-            groups = [shim, self.job_group(job_id) or shim]
-            groups += sorted({g for pid, _ in processes_of(shim) for g in [_process_group(pid)] if g is not None})
-            for group in dict.fromkeys(groups):
-                for sig in (signal.SIGKILL,) if group == shim else (signal.SIGCONT, signal.SIGKILL):
-                    try:
-                        os.killpg(group, sig)
-                    except (ProcessLookupError, PermissionError):
-                        break
-        if running.process is not None:
-            try:
-                running.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass  # stuck in the kernel (e.g. a device call): the slice is released all the same
+        self.runner.kill(handle)
+        self.runner.wait(handle, 10)
         self._finish(job_id, state, reason, None)
+
+    # ------------------------------------------------------------------ preemption
+    def _preempt(self, decision: Preempt, now: float) -> None:
+        job_id = decision.victim.id
+        stop = self._stopping.get(job_id)
+        if stop is not None:  # already stopping (found so after a restart): Hi holds it as its victim now
+            stop.then = "requeue"
+            return
+        if self._starting.pop(job_id, None) is not None:
+            self.hi.requeue(job_id, now)  # it never started: straight back to its queue
+            return
+        handle = self._running.pop(job_id, None)
+        self._job_memory_mib.pop(job_id, None)
+        grace = self.config.preemption_grace_s
+        self.store.update_job(
+            job_id,
+            "preempted",
+            f"{decision.reason}; SIGTERM now, SIGKILL after {grace:g} s (about {decision.lost_work_s:.0f} s of work "
+            "to redo)",
+            state="preempted",
+            reason=decision.reason,
+        )
+        if handle is None:
+            self.hi.requeue(job_id, now)
+            return
+        stop = self._stopping[job_id] = _Stop(handle, now + grace, "requeue")
+        if not self.runner.terminate(handle):
+            stop.killed = True
+            self._kill_session(handle)
+
+    def _stopped(self, job_id: str) -> None:
+        """A preempted job has stopped: back to its queue (or cancelled, if that was asked meanwhile)."""
+        stop = self._stopping.pop(job_id)
+        now = self.clock()
+        job = self.store.job(job_id)
+        assert job is not None
+        if stop.then == "requeue":
+            self.hi.requeue(job_id, now)
+        else:
+            if stop.then == "release":
+                self.hi.release(job_id)
+            self.hi.submit(self._item(job), now)
+        self.runner.paths(job_id)[1].unlink(missing_ok=True)  # the stopped run's exit status means nothing
+        if stop.cancel:
+            self.hi.withdraw(job_id)
+            self._cancelled(job)
+            return
+        self.store.update_job(
+            job_id,
+            "requeued",
+            f"stopped after preemption; waits in queue {job.queue} to start again",
+            state="preempted",
+            pid=None,
+            pid_start_ticks=None,
+            slices=None,
+        )
 
     # ------------------------------------------------------------------ memory
     def _watch_memory(self) -> None:
@@ -404,7 +528,7 @@ class Pool:
             return
         now = self.clock()
         usage: dict[str, dict[int, int]] = {}
-        devices_in_use = {int(s["device"]) for r in self._running.values() for s in (r.record.slices or [])}
+        devices_in_use = {int(s["device"]) for r in self._running.values() for s in (r.record.slices or [])}  # type: ignore[call-overload]
         # A job is its shim's session (the shim's pid is the session id).
         session_of = {r.record.pid: job_id for job_id, r in self._running.items() if r.record.pid}
         read: set[int] = set()
@@ -422,16 +546,16 @@ class Pool:
                     usage[job_id][device] += mib
         self._memory_read = read
         self._job_memory_mib = usage
-        for job_id, running in list(self._running.items()):
-            quota = running.record.memory_mib
+        for job_id, handle in list(self._running.items()):
+            quota = handle.record.memory_mib
             worst = max(usage.get(job_id, {}).items(), key=lambda kv: kv[1], default=None)
             if not quota or worst is None or worst[1] <= quota:
-                running.over_quota_since = None
+                handle.over_quota_since = None
                 continue
-            if running.over_quota_since is None:
-                running.over_quota_since = now
+            if handle.over_quota_since is None:
+                handle.over_quota_since = now
                 self.store.event(job_id, "memory", f"device {worst[0]}: {worst[1]} MiB over the quota of {quota} MiB")
-            elif now - running.over_quota_since >= self.config.memory_grace_s:
+            elif now - handle.over_quota_since >= self.config.memory_grace_s:
                 self._kill(
                     job_id,
                     "stopped",
@@ -453,112 +577,82 @@ class Pool:
         self._device_memory_used_mib = {d.index: d.memory_used_mib for d in found}
 
     def contended(self, device_index: int) -> bool:
-        """Busy enough that co-located jobs compete for it; a device that cannot tell counts as contended.
-
-        While jobs are gated the device shows one job's load: heavy jobs keep it busy (gating stays on),
-        light ones leave it idle (gating goes off and they overlap, which is the utilisation gain)."""
-        utilisation = self._utilisation_pct.get(device_index)
-        return utilisation is None or utilisation >= self.config.contention_utilisation_pct
+        """Busy enough that co-located jobs compete for it (``flexai.local.slicer``)."""
+        return self.slicer.contended(self._utilisation_pct.get(device_index))
 
     def timeslice(self) -> None:
-        """Gate jobs that share a device so that each gets its share of device time.
-
-        Per device, a cycle of ``timeslice_period_s`` is cut into one turn per job, proportional to its share;
-        with lending on, the turns fill the whole cycle (idle share goes to those running), and a lone job
-        is never paused; with lending off, the cycle's unallocated rest is idle time for everybody.
-        """
-        now = self.clock()
-        period = self.config.timeslice_period_s
-        want_running: dict[str, bool] = {job_id: True for job_id in self._running}
-        by_device: dict[int, list[_Running]] = {}
-        for running in self._running.values():
-            if running.record.share_milli < 1000:
-                for s in running.record.slices or []:
-                    by_device.setdefault(int(s["device"]), []).append(running)  # type: ignore[call-overload]
-        for device_index, members in by_device.items():
-            if self.config.lending and not self.contended(device_index):
-                continue
-            members.sort(key=lambda r: r.record.seq)
-            shares = [r.record.share_milli for r in members]
-            if self.config.lending and len(members) == 1:
-                continue
-            total = sum(shares) if self.config.lending else 1000
-            phase = (now % period) / period * total
-            start = 0.0
-            for running, share in zip(members, shares, strict=True):
-                inside = start <= phase < start + share
-                want_running[running.record.id] = want_running[running.record.id] and inside
-                start += share
-        for job_id, run in want_running.items():
-            self._gate(self._running[job_id], run)
+        """Gate jobs that share a device so that each gets its share of device time (``flexai.local.slicer``)."""
+        self.slicer.slice(self.clock(), self._running, self._utilisation_pct)
 
     def resume_all(self) -> None:
         """Let every paused job run (after an error in the loop, nobody may stay stopped)."""
-        for running in self._running.values():
-            try:
-                self._gate(running, True)
-            except OSError:
-                continue
-
-    def _gate(self, running: _Running, run: bool) -> None:
-        """Pause or resume the job's command group (never its shim, which must stay free to resume it when the
-        pool dies)."""
-        if running.record.pid is None or run == (not running.stopped_by_slicer):
-            return
-        group = self.job_group(running.record.id)
-        if group is None:
-            return
-        try:
-            os.killpg(group, signal.SIGCONT if run else signal.SIGSTOP)
-        except ProcessLookupError:
-            return
-        running.stopped_by_slicer = not run
+        self.slicer.resume_all(self._running.values())
 
     # ------------------------------------------------------------------ recovery
     def recover(self) -> None:
-        """After a restart: re-adopt running jobs whose process lives, finish those that ended, mark the rest
-        lost; rebuild the ledger so that no slice is granted twice."""
+        """After a restart: re-adopt running jobs whose process lives (``hi.adopt``), finish those that ended,
+        mark the rest lost; go on stopping preempted jobs still alive; give Hi every queued and preempted job
+        again with its original submit time. The ledger is rebuilt so that no slice is granted twice."""
         for job in self.store.jobs(("running",)):
-            _, exit_file = self._paths(job.id)
             if job.pid is None:
-                job = self._adopt_unrecorded_start(job, exit_file)
-                if job is None:
+                adopted = self._adopt_unrecorded_start(job)
+                if adopted is None:
                     continue
+                job = adopted
             placement = self._placement_of(job)
             if placement is None:
-                self.store.update_job(
-                    job.id, "lost", "its devices are no longer in the pool", state="lost", ended_at=time.time()
-                )
+                self._lost(job, "its devices are no longer in the pool")
                 continue
             try:
-                self.state.reserve(job.id, placement)
+                self.hi.adopt(self._item(job), placement, self._since(job.started_at))
             except LedgerError as exc:
-                self.store.update_job(
-                    job.id, "lost", f"cannot hold its slices again: {exc}", state="lost", ended_at=time.time()
-                )
+                self._lost(job, f"cannot hold its slices again: {exc}")
                 continue
-            self._running[job.id] = _Running(job, None)
-            if _alive(job.pid, job.pid_start_ticks):
-                for group in (job.pid, self.job_group(job.id)):  # a restart must not leave a job paused
-                    try:
-                        if group is not None:
-                            os.killpg(group, signal.SIGCONT)
-                    except (ProcessLookupError, PermissionError):
-                        pass
+            handle = self._running[job.id] = Handle(job, None)
+            if self.runner.alive(job.pid, job.pid_start_ticks):
+                self.runner.resume(handle)  # a restart must not leave a job paused
                 self.store.event(job.id, "adopted", f"re-adopted running job (pid {job.pid})")
+        now = self.clock()
+        waiting: list[JobRecord] = []
+        for job in self.store.jobs(("preempted",)):
+            if not self.runner.alive(job.pid, job.pid_start_ticks):
+                if job.pid is not None:
+                    self.store.update_job(job.id, pid=None, pid_start_ticks=None, slices=None)
+                waiting.append(job)
+                continue
+            # Preempted, and the daemon died before it had stopped: hold its slices until it has.
+            handle = Handle(job, None)
+            placement = self._placement_of(job)
+            then = "submit"
+            if placement is not None:
+                try:
+                    self.hi.adopt(self._item(job), placement, self._since(job.started_at))
+                    then = "release"
+                except LedgerError:
+                    pass
+            stop = self._stopping[job.id] = _Stop(handle, now + self.config.preemption_grace_s, then)
+            if not self.runner.terminate(handle):
+                stop.killed = True
+                self._kill_session(handle)
+            self.store.event(job.id, "adopted", f"preempted job still stopping (pid {job.pid}): stopping it again")
+        waiting += self.store.jobs(("queued",))
+        for job in sorted(waiting, key=lambda j: j.seq):
+            self.hi.submit(self._item(job), now)
         self._reap()
 
-    def _adopt_unrecorded_start(self, job: JobRecord, exit_file: Path) -> JobRecord | None:
+    def _lost(self, job: JobRecord, reason: str) -> None:
+        self.store.update_job(job.id, "lost", reason, state="lost", reason=reason, ended_at=time.time())
+
+    def _adopt_unrecorded_start(self, job: JobRecord) -> JobRecord | None:
         """The daemon died between recording a start and recording its pid: find the shim by its pid file,
         or put the job back in the queue if it never started."""
-        pid_file = self._pid_file(job.id)
-        if pid_file.exists():
-            pid = int(pid_file.read_text().strip() or 0)
-            ticks = process_start_ticks(pid) if pid else None
+        found = self.runner.adopt_pid(job.id)
+        if found is not None:
+            pid, ticks = found
             self.store.update_job(job.id, pid=pid, pid_start_ticks=ticks)
             job.pid, job.pid_start_ticks = pid, ticks
             return job
-        if exit_file.exists():
+        if self.runner.paths(job.id)[1].exists():
             return job
         self.store.update_job(
             job.id, "requeued", "the daemon stopped before the job started", state="queued", slices=None
@@ -576,17 +670,47 @@ class Pool:
 
     def shutdown(self) -> None:
         """Stop the daemon's side only: jobs keep running and are re-adopted on the next start."""
-        for running in self._running.values():
-            self._gate(running, True)
+        self.resume_all()
         self.store.close()
 
     # ------------------------------------------------------------------ views
+    def reason(self, job: JobRecord) -> str:
+        """Why a job is in its state now: for waiting work, Hi's answer (what it needs, whom it is held behind,
+        which quota); for a preempted job, who preempted it and what it waits for now."""
+        start = self._starting.get(job.id)
+        if start is not None:
+            victims = ", ".join(start.after)
+            return f"starting once {victims} stopped ({start.reason})"
+        if job.state == "queued":
+            return self.hi.reason(job.id) or job.reason
+        if job.state == "preempted":
+            if job.id in self._stopping:
+                return f"{job.reason}; stopping"
+            waiting = self.hi.reason(job.id)
+            return f"{job.reason}; now {waiting}" if waiting else job.reason
+        return job.reason
+
+    def job_view(self, job: JobRecord) -> dict[str, object]:
+        """What the API shows of a job, with the reason as of now."""
+        return {**job.public(), "reason": self.reason(job)}
+
+    def queue_view(self) -> list[dict[str, object]]:
+        """Per queue: guarantee, borrowing limit, use, borrowing and pending work (``hi.queue_view``)."""
+        return self.hi.queue_view()
+
     def used_memory_mib(self, job_id: str, device_index: int) -> int | None:
         """Device memory a running job really uses on one device (its processes, as the backend reads them);
         None when the backend cannot tell."""
         if device_index not in self._memory_read:
             return None
         return self._job_memory_mib.get(job_id, {}).get(device_index, 0)
+
+    def _name(self, job_id: str) -> str:
+        handle = self._running.get(job_id)
+        if handle is not None:
+            return handle.record.name
+        job = self.store.job(job_id)
+        return job.name if job is not None else job_id
 
     def pool_view(self) -> dict[str, object]:
         devices = []
@@ -595,7 +719,7 @@ class Pool:
                 slices = [
                     {
                         "job": job_id,
-                        "name": self._running[job_id].record.name if job_id in self._running else job_id,
+                        "name": self._name(job_id),
                         "share_milli": p.share_milli,
                         "memory_mib": p.device_memory_mib,
                         "used_memory_mib": self.used_memory_mib(job_id, device.index),
@@ -617,14 +741,14 @@ class Pool:
                         "slices": slices,
                     }
                 )
-        queued = len(self.store.jobs(("queued",)))
         return {
             "backend": self.backend.name,
             "share_step_milli": self.config.share_step_milli,
             "lending": self.config.lending,
             "devices": devices,
             "running": len(self._running),
-            "queued": queued,
+            "queued": len(self.store.jobs(("queued",))),
+            "preempted": len(self.store.jobs(("preempted",))),
         }
 
     def record_utilisation(self) -> None:
@@ -641,26 +765,17 @@ class Pool:
         del self.utilisation_history[:-600]
 
 
-def _alive(pid: int | None, start_ticks: int | None) -> bool:
-    if pid is None:
-        return False
-    ticks = process_start_ticks(pid)
-    if ticks is None:
-        return False
-    if start_ticks is not None and ticks != start_ticks:
-        return False  # the pid was reused by another process
-    return process_state(pid) not in (None, "Z")
-
-
-def _process_group(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
-
-
 def _device_dict(device: DeviceInfo) -> dict[str, object]:
     return dataclasses.asdict(device)
 
 
-__all__ = ["ACTIVE_STATES", "JobSubmission", "Pool", "PoolConfig", "SubmitError", "MIB_PER_GIB"]
+__all__ = [
+    "ACTIVE_STATES",
+    "DEFAULT_QUEUE",
+    "MIB_PER_GIB",
+    "PRIORITY_CLASSES",
+    "JobSubmission",
+    "Pool",
+    "PoolConfig",
+    "SubmitError",
+]

@@ -17,10 +17,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "stopped", "lost", "rejected")
-ACTIVE_STATES = ("queued", "running")
+JOB_STATES = ("queued", "running", "preempted", "succeeded", "failed", "cancelled", "stopped", "lost", "rejected")
+ACTIVE_STATES = ("queued", "running", "preempted")
+"""Jobs not ended yet: ``preempted`` ones were stopped to seat higher-class work and wait to start again."""
+WAITING_STATES = ("queued", "preempted")
+"""Jobs the Hi Scheduler holds as pending work (a daemon restart submits them again)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -36,6 +39,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     memory_mib INTEGER NOT NULL,
     model TEXT NOT NULL,
     priority INTEGER NOT NULL,
+    priority_class TEXT NOT NULL DEFAULT 'normal',
+    queue TEXT NOT NULL DEFAULT 'default',
     state TEXT NOT NULL,
     reason TEXT NOT NULL DEFAULT '',
     exit_code INTEGER,
@@ -101,6 +106,9 @@ class JobRecord:
     memory_mib: int
     model: str
     priority: int
+    priority_class: str = "normal"
+    """``high`` (never preempted), ``normal`` (preemptible after a minimum runtime) or ``low``."""
+    queue: str = "default"
     state: str = "queued"
     reason: str = ""
     exit_code: int | None = None
@@ -150,6 +158,14 @@ class Store:
             row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row["value"]) == 1:
+                # Version 1 had no priority classes and no queues: every job is normal, in the default queue.
+                columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+                if "priority_class" not in columns:
+                    self._db.execute("ALTER TABLE jobs ADD COLUMN priority_class TEXT NOT NULL DEFAULT 'normal'")
+                if "queue" not in columns:
+                    self._db.execute("ALTER TABLE jobs ADD COLUMN queue TEXT NOT NULL DEFAULT 'default'")
+                self._db.execute("UPDATE meta SET value = ? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
             elif int(row["value"]) != SCHEMA_VERSION:
                 raise RuntimeError(
                     f"state {path} has schema version {row['value']}, this flexai reads {SCHEMA_VERSION}"
@@ -176,7 +192,7 @@ class Store:
         with self.tx() as db:
             cur = db.execute(
                 "INSERT INTO jobs (id, name, command, cwd, env, device_count, share_milli, memory_mib, model, priority,"
-                " state, reason, submitted_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " priority_class, queue, state, reason, submitted_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     job.id,
                     job.name,
@@ -188,6 +204,8 @@ class Store:
                     job.memory_mib,
                     job.model,
                     job.priority,
+                    job.priority_class,
+                    job.queue,
                     job.state,
                     job.reason,
                     job.submitted_at,
