@@ -131,6 +131,7 @@ class FakeApi:
     def __init__(self, pods: list[dict], watch: Callable[[dict], None] | None = None) -> None:
         self.pods = {p["metadata"]["name"]: copy.deepcopy(p) for p in pods}
         self.watch = watch
+        self.events: list[tuple[str, str, str]] = []
 
     def get_pod(self, namespace: str, name: str) -> dict:
         return copy.deepcopy(self.pods[name])
@@ -144,5 +145,5 @@ class FakeApi:
         if self.watch is not None:
             self.watch(copy.deepcopy(stored))
 
-    def create_event(self, *args: object, **kwargs: object) -> None:
-        return None
+    def create_event(self, pod: dict, reason: str, message: str, kind: str = "Warning") -> None:
+        self.events.append((pod["metadata"]["name"], reason, message))

@@ -286,7 +286,8 @@ def test_a_node_whose_agent_was_silent_comes_back_with_its_next_heartbeat() -> N
     cluster = KubeCluster(inventory_timeout_s=120, clock=lambda: clock[0])
     cluster.upsert_node(node("n1", 2, heartbeat=clock[0]))
     cluster.upsert_pod(placed(pod("old", 1, 700), "n1", (0, 700)))
-    extender = Extender(cluster)
+    api = FakeApi([])
+    extender = Extender(cluster, api)
     args = {"Pod": pod("p", 1, 500), "NodeNames": ["n1"]}
     assert extender.filter(args)["NodeNames"] == ["n1"]
 
@@ -294,6 +295,7 @@ def test_a_node_whose_agent_was_silent_comes_back_with_its_next_heartbeat() -> N
     silent = extender.filter(args)
     assert silent["NodeNames"] == []
     assert silent["FailedAndUnresolvableNodes"]["n1"] == "flexai agent heartbeat is 121 s old"
+    assert api.events == []  # a silent agent is no reason to tell the pod it can never fit
 
     cluster.upsert_node(node("n1", 2, heartbeat=clock[0]))  # the same inventory, a fresh heartbeat
     assert extender.filter(args)["NodeNames"] == ["n1"]

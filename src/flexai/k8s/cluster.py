@@ -681,6 +681,11 @@ class KubeCluster:
         return self._state
 
     @property
+    def has_node(self) -> np.ndarray:
+        """Per row: a node holds it (live or not)."""
+        return self._has_node.copy()
+
+    @property
     def live(self) -> np.ndarray:
         """Per row: a node whose agent's heartbeat is fresh now (a silent agent's node is back with its next
         heartbeat)."""

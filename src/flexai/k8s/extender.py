@@ -256,7 +256,7 @@ class Extender:
             live = cluster.live
             masks = self._cached_masks(state, demand, pod_key(pod))
             feasible = np.logical_and.reduce(list(masks.values())) & live
-            never = not feasible.any() and not self._ever_fits(state, demand, live)
+            never = not feasible.any() and not self._ever_fits(state, demand, cluster.has_node)
             listed = self._node_list(candidates)
             rows = listed.rows
             known = rows >= 0
@@ -293,9 +293,10 @@ class Extender:
             self._lists = [_NodeList(listed.stamp, passed, rows[ok]), *self._lists[:3]]
         return self._filter_result(args, passed, failed, unresolvable), (listed, ok)
 
-    def _ever_fits(self, state: ElasticState, demand: PodDemand, live: np.ndarray) -> bool:
-        """Would the pod fit on a live node if that node were empty? (False: waiting will never help.)"""
-        return bool((np.logical_and.reduce(list(self._masks(state, demand, empty=True).values())) & live).any())
+    def _ever_fits(self, state: ElasticState, demand: PodDemand, nodes: np.ndarray) -> bool:
+        """Would the pod fit on one of ``nodes`` if it were empty? (False: waiting will never help; a node whose
+        agent is silent counts, as it may come back.)"""
+        return bool((np.logical_and.reduce(list(self._masks(state, demand, empty=True).values())) & nodes).any())
 
     @staticmethod
     def _filter_result(
