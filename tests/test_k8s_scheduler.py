@@ -519,3 +519,65 @@ def test_extender_args_are_read_whatever_their_layout() -> None:
     mine = ["n2", "n9"]
     reader.remember(b'["n2","n9"]', mine)  # what filter answered comes back to prioritize
     assert reader.read(b'{"pod":{},"nodes":null,"nodenames":["n2","n9"]}')["nodenames"] is mine
+
+
+# ------------------------------------------------------------------------------ the view's ledger invariant
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["node", "sick", "drop-node", "bind", "finish", "drop-pod"]),
+        st.integers(0, 5),  # which node
+        st.integers(0, 9),  # which pod
+        st.sampled_from([50, 100]),  # ten pods never overfill a device: every order holds the same
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS)
+def test_the_view_updated_step_by_step_holds_what_a_fresh_one_holds(ops: list[tuple[str, int, int, int]]) -> None:
+    """Whatever the order of node and pod events, the incremental view's ledger is the one a view built from
+    the final objects would have (rows may differ: compare per node name)."""
+    nodes: dict[str, dict] = {}
+    pods: dict[str, dict] = {}
+    live = KubeCluster(clock=lambda: 1e9)
+    live.upsert_node(node("seed", 1, heartbeat=1e9))
+    assert live.state is not None  # built from here on: every later change is incremental
+    nodes["seed"] = node("seed", 1, heartbeat=1e9)
+    for op, n, p, share in ops:
+        name, key = f"n{n}", f"p{p}"
+        if op == "node":
+            nodes[name] = node(name, 1 + n % 3, heartbeat=1e9)
+            live.upsert_node(nodes[name])
+        elif op == "sick" and name in nodes:
+            nodes[name] = node(name, 1 + n % 3, heartbeat=1e9, healthy=False)
+            live.upsert_node(nodes[name])
+        elif op == "drop-node" and name in nodes:
+            del nodes[name]
+            live.delete_node(name)
+        elif op == "bind":
+            pods[key] = placed(pod(key, 1, share), name, (0, share))
+            live.upsert_pod(pods[key])
+        elif op == "finish" and key in pods:
+            pods[key]["status"] = {"phase": "Succeeded"}
+            live.upsert_pod(pods[key])
+        elif op == "drop-pod" and key in pods:
+            del pods[key]
+            live.delete_pod(f"uid-{key}")
+    fresh = cluster_of(*nodes.values(), pods=tuple(pods.values()))
+    a, b = live.state, fresh.state
+    assert (a is None) == (b is None)
+    if a is None or b is None:
+        return
+    assert set(live.index_of) == set(fresh.index_of)
+    for name in fresh.index_of:
+        i, j = live.index_of[name], fresh.index_of[name]
+        width = int(b.device_count[j])
+        assert a.free_share_milli[i, :width].tolist() == b.free_share_milli[j, :width].tolist(), name
+        assert a.free_cpu_milli[i] == b.free_cpu_milli[j]
+    assert set(a.grants) == set(b.grants)
+    assert (a.free_share_milli >= 0).all() and (a.free_share_milli <= 1000).all()
