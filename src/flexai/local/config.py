@@ -13,8 +13,9 @@ weight = 1                             # fair share between queues beyond their 
 guarantee = { devices = 1 }            # or { share = "150%" }; memory = "80GiB" binds device memory too
 borrowing_limit = { devices = 1 }      # how far beyond the guarantee it may borrow; absent = no limit
 
-[queues.a.guarantee.models]            # per device model instead of (or beside) any model
-A100 = { devices = 1, memory = "80GiB" }
+[queues.b.guarantee]                   # a quota as a table: per device model instead of (or beside) any model
+devices = 1
+models = { A100 = { devices = 1, memory = "80GiB" } }
 ```
 
 Parsed with ``tomllib``, checked with pydantic; a bad file raises ``ConfigError`` with one line that names the

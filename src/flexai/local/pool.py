@@ -285,10 +285,13 @@ class Pool:
         if job.id in self._stopping:  # preempted, still stopping: no grace left to wait for
             stop = self._stopping[job.id]
             stop.cancel = True
-            self.runner.kill(stop.handle)
+            self._kill_session(stop.handle)
             self.runner.wait(stop.handle, 10)
+            deadline = time.monotonic() + 2.0  # SIGKILL reaches the command's group a moment after its shim
+            while not self._gone(stop.handle) and time.monotonic() < deadline:
+                time.sleep(0.01)
             if not self._gone(stop.handle):
-                return self.store.job(job.id)  # type: ignore[return-value]  # the next tick finishes it
+                return self.store.job(job.id)  # type: ignore[return-value]  # a later tick finishes it
             self._stopped(job.id)
         elif job.id in self._starting:
             del self._starting[job.id]
