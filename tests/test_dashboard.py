@@ -153,6 +153,7 @@ def test_dashboard_shows_every_slice(daemon: tuple[str, str, Path], tmp_path: Pa
     ).stdout
     assert len(re.findall(r'class="slice(?: paused)?" data-job="[0-9a-f]{12}"', dom)) == 6
     assert dom.count("30 %") >= 6 and "2 queued" in dom
+    assert dom.count("needs 30 % on one device; the most free on any device is 10 %") == 2  # why each waits
     assert "busy 96 %" in dom and "busy 58 %" in dom and "2.0 GiB / 10.0 GiB" in dom
     assert "allocated share" in dom and "50 %" in dom and "time (this machine" in dom  # legend and axes
     # The hostile names are shown as text: no element came from them and their script did not run.

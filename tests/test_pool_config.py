@@ -225,3 +225,12 @@ def test_queues_shows_guarantee_use_borrowing_and_pending(connect: TestClient, p
     for cell in ("queue", "guaranteed", "borrowing limit", "no limit", "0.5"):
         assert cell in table, table
     assert connect.get("/api/v1/queues").json() == rows
+
+
+def test_the_readme_example_is_a_good_file() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## One machine: the embedded pool") :]
+    example = section[section.index("```toml") + len("```toml") : section.index("```", section.index("```toml") + 7)]
+    settings = parse_config("\n".join(line.removeprefix("  ") for line in example.splitlines()))
+    assert [q.name for q in settings.queues] == ["a", "b"]
+    assert settings.queues[1].guarantee == Quota(share_milli={"A100": 1000}, memory_mib={"A100": 81920})

@@ -166,3 +166,99 @@ def test_no_job_stays_paused_after_the_daemon_dies(state: Path, tmp_path: Path, 
             daemon.kill()
             daemon.wait()
     wait_for(lambda: not any(processes_of(shim) for shim in shims), timeout_s=10)
+
+
+# ---------------------------------------------------------------------------------------------- Hi Scheduler
+def logged_command(release_file: Path) -> list[str]:
+    """Writes 'start' each time it starts, then runs until ``release_file`` exists."""
+    code = f"import os, time\nprint('start', flush=True)\nwhile not os.path.exists({str(release_file)!r}):\n"
+    return [sys.executable, "-c", code + "    time.sleep(0.02)\nprint('done', flush=True)"]
+
+
+def by_id(state: Path) -> dict[str, dict[str, object]]:
+    return {str(j["id"]): j for j in jobs(state)}
+
+
+def log_of(state: Path, job_id: str) -> list[str]:
+    path = state / "logs" / f"{job_id}.log"
+    return path.read_text().split() if path.exists() else []
+
+
+def test_high_preempts_low_which_comes_back_even_after_kill_9(state: Path, tmp_path: Path) -> None:
+    daemon = start_daemon(state, "sim:1xA100-80GB")
+    try:
+        run = flexai(state, "run", "--priority", "low", "--name", "low", "--", *logged_command(tmp_path / "release-0"))
+        assert run.returncode == 0, run.stderr
+        low = run.stdout.strip()
+        wait_for(lambda: log_of(state, low) == ["start"])
+        with api(state) as client:
+            body = {
+                "command": logged_command(tmp_path / "release-1"),
+                "share_milli": 600,
+                "priority_class": "high",
+                "name": "high",
+                "cwd": str(tmp_path),
+            }
+            asked = time.monotonic()
+            high = client.post("/api/v1/jobs", json=body).json()["id"]
+        wait_for(lambda: by_id(state)[low]["state"] == "preempted", timeout_s=5)
+        preempted_after = time.monotonic() - asked
+        wait_for(lambda: by_id(state)[high]["state"] == "running", timeout_s=5)
+        running_after = time.monotonic() - asked
+        print(f"low preempted {preempted_after:.3f} s, high running {running_after:.3f} s after the high job came")
+        assert running_after < 5.0
+        listed = {j["id"]: j for j in json.loads(flexai(state, "ps", "--json").stdout)}
+        assert (listed[low]["state"], listed[low]["priority_class"]) == ("preempted", "low")
+        assert listed[low]["reason"].startswith(f"preempted by high ({high}) to free 100 % of GPU 0")
+        assert (listed[high]["state"], listed[high]["priority_class"]) == ("running", "high")
+        high_pid = listed[high]["pid"]
+
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait()
+        daemon = start_daemon(state, "sim:1xA100-80GB")
+        after = by_id(state)
+        assert (after[high]["state"], after[high]["pid"]) == ("running", high_pid)  # re-adopted, not restarted
+        assert after[low]["state"] == "preempted" and after[low]["reason"].startswith(f"preempted by high ({high})")
+
+        (tmp_path / "release-1").touch()  # the high job ends: the low one starts again by itself
+        wait_for(lambda: by_id(state)[low]["state"] == "running", timeout_s=10)
+        wait_for(lambda: log_of(state, low) == ["start", "start"])
+        (tmp_path / "release-0").touch()
+        wait_for(lambda: by_id(state)[low]["state"] == "succeeded", timeout_s=10)
+        with api(state) as client:
+            kinds = [e["kind"] for e in client.get("/api/v1/events").json() if e["job_id"] == low]
+        assert kinds == ["submitted", "started", "preempted", "requeued", "restarted", "succeeded"]
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=20)
+
+
+def test_a_queue_borrows_an_idle_device_and_gives_it_back(state: Path, tmp_path: Path) -> None:
+    config = tmp_path / "pool.toml"
+    config.write_text(
+        "[hi]\nnormal_min_runtime_s = 0\n\n"
+        "[queues.a]\nguarantee = { devices = 1 }\n\n"
+        "[queues.b]\nguarantee = { devices = 1 }\n"
+    )
+    daemon = start_daemon(state, "sim:2xA100-80GB", "--config", str(config))
+    try:
+        with api(state) as client:
+
+            def submit(n: int, queue: str) -> str:
+                body = {"command": logged_command(tmp_path / f"release-{n}"), "queue": queue, "cwd": str(tmp_path)}
+                return client.post("/api/v1/jobs", json=body).json()["id"]
+
+            a = [submit(0, "a"), submit(1, "a")]
+            wait_for(lambda: [by_id(state)[j]["state"] for j in a] == ["running", "running"])  # b's device lent
+            queues = {q["queue"]: q for q in client.get("/api/v1/queues").json()}
+            assert (queues["a"]["used_share_milli"], queues["a"]["borrowed_share_milli"]) == (2000, 1000)
+            b = submit(2, "b")
+            wait_for(lambda: by_id(state)[b]["state"] == "running", timeout_s=5)
+            states = sorted(by_id(state)[j]["state"] for j in a)
+            assert states == ["preempted", "running"]
+        rows = {q["queue"]: q for q in json.loads(flexai(state, "queues", "--json").stdout)}
+        assert (rows["a"]["used_share_milli"], rows["a"]["borrowed_share_milli"], rows["a"]["pending"]) == (1000, 0, 1)
+        assert (rows["b"]["used_share_milli"], rows["b"]["pending"]) == (1000, 0)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=20)

@@ -77,19 +77,21 @@
 
   function queueRows(jobs) {
     const now = Date.now() / 1000;
-    const queued = jobs.filter(j => j.state === "queued");
-    if (!queued.length) return [el("tr", {}, el("td", { colSpan: 5, textContent: "empty" }))];
-    return queued.map(j =>
+    const waiting = jobs.filter(j => j.state === "queued" || j.state === "preempted");
+    if (!waiting.length) return [el("tr", {}, el("td", { colSpan: 7, textContent: "empty" }))];
+    return waiting.map(j =>
       el(
         "tr",
-        {},
+        { className: j.state },
         el("td", { textContent: j.id }),
         el("td", { textContent: j.name }),
-        el("td", { textContent: String(j.priority) }),
+        el("td", { textContent: (j.priority_class || "normal") + (j.priority ? ":" + j.priority : "") }),
+        el("td", { textContent: j.queue || "default" }),
         el("td", {
           textContent: `${j.device_count} × ${pct(j.share_milli)}, ${j.memory_mib} MiB` + (j.model ? " on " + j.model : ""),
         }),
         el("td", { textContent: Math.round(now - j.submitted_at) + " s" }),
+        el("td", { className: "reason", textContent: (j.state === "preempted" ? "preempted: " : "") + j.reason }),
       ),
     );
   }
@@ -154,7 +156,8 @@
     meta.className = "meta";
     meta.textContent =
       `${pool.devices.length} devices (${pool.backend}), slices in steps of ${pct(pool.share_step_milli)}, ` +
-      `lending ${pool.lending ? "on" : "off"} — ${pool.running} running, ${pool.queued} queued`;
+      `lending ${pool.lending ? "on" : "off"} — ${pool.running} running, ${pool.queued} queued` +
+      (pool.preempted ? `, ${pool.preempted} preempted` : "");
     document.getElementById("devices").replaceChildren(...pool.devices.map(deviceNode));
     document.querySelector("#queue tbody").replaceChildren(...queueRows(jobs));
     chart(util, pool.devices);
