@@ -15,7 +15,7 @@ from flexai.cli.console import fail, out, text
 from flexai.cli.main import app, check_writable, parse_seeds
 
 DEFAULT_LOADS = "1.1"
-DEFAULT_SEEDS = "42-44"
+DEFAULT_SEEDS = "42"
 
 
 def parse_loads(value: str) -> list[float]:

@@ -117,6 +117,13 @@ class FractionAware(PreemptionPlugin):
     ) -> VictimSet | None:
         if not candidates:
             return None
+        if request.device_count:
+            # Cheap bound first: all the share on the node that could be freed is still too little.
+            freeable = int(state.free_share_milli[node].sum()) + sum(
+                r.placement.share_milli * len(r.placement.device_indices) for r in candidates
+            )
+            if freeable < request.total_share_milli:
+                return None
         fit = _NodeFit(state, node, request)
         if fit.fits_without(()):
             return VictimSet(node, (), 0.0, 0)  # it fits already (freed earlier in this cycle)

@@ -157,9 +157,12 @@ class HiScheduler:
         self._model_of_node = [n.device_model for n in self.state.nodes]
         self._pending_since: dict[str, float] = {}
         self._running_by_node: dict[int, dict[str, Running]] = {}
-        self._touched_at = np.zeros(self.state.node_count, dtype=np.int64)
+        self._touched_at = np.zeros((len(PriorityClass), self.state.node_count), dtype=np.int64)
         """Victim version of each node's last start, end or move: where a failed preemption may now succeed."""
         self._static_nodes: dict[tuple[object, ...], list[int]] = {}
+        self._static_arrays: dict[tuple[object, ...], np.ndarray] = {}
+        self._protection_heap: list[tuple[float, str]] = []
+        self._eligible_cache: dict[int, tuple[int, float, list[Running]]] = {}
         self._protection_cache: tuple[int, float, float] | None = None
         self._mask_cache: tuple[int, np.ndarray] | None = None
 
@@ -315,9 +318,13 @@ class HiScheduler:
         self._touch(node_index)
         self._dirty_nodes.add(node_index)
 
-    def _touch(self, node_index: int) -> None:
+    def _touch(self, node_index: int, started_class: PriorityClass | None = None) -> None:
+        """Something changed on a node; a start only matters to preemptors of a higher class than its own."""
         self._victim_version += 1
-        self._touched_at[node_index] = self._victim_version
+        if started_class is None:
+            self._touched_at[:, node_index] = self._victim_version
+        else:
+            self._touched_at[int(started_class) + 1 :, node_index] = self._victim_version
 
     def _forget_running(self, item_id: str) -> Running | None:
         running = self.running.pop(item_id, None)
@@ -339,10 +346,12 @@ class HiScheduler:
         elif item.priority_class is PriorityClass.HIGH:
             protected = INFINITY
         running = Running(item, placement, model, now_s, protected, self._lineage.get(item.id, frozenset()))
+        if now_s < protected < INFINITY:
+            heapq.heappush(self._protection_heap, (protected, item.id))
         self.running[item.id] = running
         self._running_by_node.setdefault(placement.node_index, {})[item.id] = running
         self.queues.add(item.queue, model, item.request, +1)
-        self._touch(placement.node_index)
+        self._touch(placement.node_index, item.priority_class)
         return running
 
     def _start(
@@ -447,7 +456,15 @@ class HiScheduler:
             return True
         if blocked[0] == self._victim_version:
             return False
-        return bool((self._touched_at[self._nodes_for(bucket.request)] > blocked[0]).any())
+        touched = self._touched_at[int(bucket.head.priority_class)]
+        return bool((touched[self._node_array_for(bucket.request)] > blocked[0]).any())
+
+    def _node_array_for(self, request: Request) -> np.ndarray:
+        key = shape_key(request)
+        nodes = self._static_arrays.get(key)
+        if nodes is None:
+            nodes = self._static_arrays[key] = np.asarray(self._nodes_for(request), dtype=np.int64)
+        return nodes
 
     def _nodes_for(self, request: Request) -> list[int]:
         """Nodes where the request fits when empty (cached per shape)."""
@@ -610,6 +627,25 @@ class HiScheduler:
         ancestors = self._lineage.get(preemptor.id, frozenset())
         reclaiming = self.config.reclaim and self._within_guarantee_any(preemptor)
         by_node: dict[int, list[Running]] = {}
+        if not ancestors and not reclaiming:
+            # The common case: candidates depend only on the node, the class and the time; shared per cycle.
+            cls = int(preemptor.priority_class)
+            for n in nodes:
+                key = int(self._touched_at[cls, n])
+                cached = self._eligible_cache.get(n)
+                if cached is None or cached[0] != key or cached[1] != now_s:
+                    members = [
+                        r
+                        for r in self._running_by_node.get(n, {}).values()
+                        if r.item.priority_class < preemptor.priority_class
+                        and now_s >= r.protected_until_s
+                        and not r.item.gang
+                    ]
+                    cached = self._eligible_cache[n] = (key, now_s, members)
+                members = [r for r in cached[2] if preemptor.id not in r.preempted_by]
+                if members:
+                    by_node[n] = members
+            return by_node
         for r in (r for n in nodes for r in self._running_by_node.get(n, {}).values()):
             victim = r.item
             if victim.priority_class is PriorityClass.HIGH or victim.id in ancestors:
@@ -644,7 +680,8 @@ class HiScheduler:
         blocked = bucket.preempt_blocked
         if blocked is not None and now_s < blocked[1] and not self._within_guarantee_any(item):
             # Found nothing before: only nodes where something changed since can offer a hole now.
-            candidates = [n for n in candidates if self._touched_at[n] > blocked[0]]
+            touched = self._touched_at[int(item.priority_class)]
+            candidates = [n for n in candidates if touched[n] > blocked[0]]
         mask = self._mask(item)
         if mask is not None:
             candidates = [n for n in candidates if mask[n]]
@@ -692,6 +729,7 @@ class HiScheduler:
             lost = self.lost_work_s(v, now_s)
             result.preemptions.append(Preempt(v.item, item.id, f"preempted by {item.label} to free {freed}", lost))
         self._version += 1
+        self._touch(choice.node_index)  # its victims are gone: every class's view of the node changed
         self._dirty_nodes.add(choice.node_index)  # share freed beyond the hole may seat others
         self._start(
             item,
@@ -719,13 +757,15 @@ class HiScheduler:
         return f"{share / 10:g} % of {where} on {node.name}"
 
     def _protection_ends(self, now_s: float) -> float:
-        cached = self._protection_cache
-        if cached is not None and cached[0] == self._victim_version and cached[1] == now_s:
-            return cached[2]
-        ends = [r.protected_until_s for r in self.running.values() if now_s < r.protected_until_s < INFINITY]
-        value = min(ends, default=INFINITY)
-        self._protection_cache = (self._victim_version, now_s, value)
-        return value
+        """The next time a running item's protection (minimum runtime, back-off) ends."""
+        heap = self._protection_heap
+        while heap:
+            until, item_id = heap[0]
+            running = self.running.get(item_id)
+            if until > now_s and running is not None and running.protected_until_s == until:
+                return until
+            heapq.heappop(heap)
+        return INFINITY
 
     def _next_wakeup(self, now_s: float) -> float | None:
         wake = INFINITY

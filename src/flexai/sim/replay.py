@@ -12,6 +12,10 @@
 - Busy GPU: each ``high`` and ``normal`` pod gets a GenAI duty-cycle series and a phase drawn with the
   seed, integrated over its runs; ``low`` (batch) work counts as busy over its whole share.
 
+- Allocated GPU counts what the scheduler granted (a whole-GPU scheduler rounds slices up); work done
+  counts the GPU-hours of *requested* work performed inside the window and kept: the requested share times
+  run time, less the work redone after preemptions (lost work), for pods that ran in the trace.
+
 Every scheduler decides through ``HiScheduler``; they differ only in policy and configuration.
 """
 
@@ -68,7 +72,7 @@ REPLAY_SCHEDULERS: dict[str, ReplayScheduler] = {
         ReplayScheduler(
             "hi",
             "flex",
-            HiConfig(normal_checkpoint_s=CHECKPOINT_S, preemption_delay_s=240.0),
+            HiConfig(normal_checkpoint_s=CHECKPOINT_S, preemption_delay_s=120.0),
             "flex placement under flexai.hi: fraction-aware preemption, backfill with reservation",
         ),
     )
@@ -238,10 +242,13 @@ class _PodRun:
     pod: ReplayPod
     item: WorkItem
     share_gpus: float
+    """What the pod asked for (GPUs); its real use and its requested work are counted in it."""
     remaining_s: float
     series: int
     phase_s: float
     token: int = 0
+    granted_gpus: float = 0.0
+    """What the scheduler granted (a whole-GPU scheduler rounds slices up)."""
     started_s: float | None = None
     first_start_s: float | None = None
     preemptions: int = 0
@@ -348,15 +355,16 @@ def run_replay(
     completed = abandoned = preemptions = never_fit = 0
     hourly_alloc = np.zeros(int(math.ceil((w1 - w0) / 3600)) + 1)
     hourly_busy = np.zeros_like(hourly_alloc)
-    current_allocated = 0.0
 
     def account(run: _PodRun, begin: float, end: float) -> None:
         """Allocated and busy GPU-seconds of one run segment, clipped to the window."""
-        nonlocal allocated_gpu_s, busy_gpu_s
+        nonlocal allocated_gpu_s, busy_gpu_s, work_done_gpu_s
         begin, end = max(begin, w0), min(end, w1)
         if end <= begin:
             return
-        allocated_gpu_s += run.share_gpus * (end - begin)
+        allocated_gpu_s += run.granted_gpus * (end - begin)
+        if run.pod.ran:
+            work_done_gpu_s += run.share_gpus * (end - begin)
         if run.item.priority_class is PriorityClass.LOW:
             busy = run.share_gpus * (end - begin)
         else:
@@ -364,12 +372,12 @@ def run_replay(
         busy_gpu_s += busy
         first, last = int((begin - w0) // 3600), int((end - w0) // 3600)
         if first == last:
-            hourly_alloc[first] += run.share_gpus * (end - begin)
+            hourly_alloc[first] += run.granted_gpus * (end - begin)
             hourly_busy[first] += busy
         else:  # spread over the hours it spans (busy pro rata: enough for a plot)
             edges = np.clip(w0 + 3600.0 * np.arange(first, last + 2), begin, end)
             widths = np.diff(edges)
-            hourly_alloc[first : last + 1] += run.share_gpus * widths
+            hourly_alloc[first : last + 1] += run.granted_gpus * widths
             hourly_busy[first : last + 1] += busy * widths / (end - begin)
 
     def stop_run(run: _PodRun, now: float) -> None:
@@ -379,7 +387,7 @@ def run_replay(
         run.token += 1
 
     def apply(now: float) -> None:
-        nonlocal preemptions, lost_gpu_s, current_allocated
+        nonlocal preemptions, lost_gpu_s
         for _ in range(50):
             result = hi.cycle(now)
             if result.next_wakeup_s is not None and result.next_wakeup_s > now:
@@ -392,17 +400,17 @@ def run_replay(
                 if run.item.priority_class is PriorityClass.NORMAL:
                     kept = math.floor(ran / CHECKPOINT_S) * CHECKPOINT_S
                 if run.pod.ran:
-                    lost_gpu_s += run.share_gpus * max(0.0, ran - kept)
+                    lost_in_window = max(0.0, min(ran - kept, now - w0))
+                    lost_gpu_s += run.share_gpus * lost_in_window
                     run.remaining_s -= kept
                 run.preemptions += 1
                 preemptions += 1
-                current_allocated -= run.share_gpus
                 stop_run(run, now)
                 hi.requeue(p.victim.id, now)
             for s in result.starts:
                 run = runs[s.item.id]
                 run.started_s = now
-                current_allocated += run.share_gpus
+                run.granted_gpus = s.placement.share_milli * len(s.placement.device_indices) / 1000.0
                 if run.first_start_s is None:
                     run.first_start_s = now
                 hi.started(s.item.id)
@@ -448,13 +456,11 @@ def run_replay(
                 run = runs[key]
                 if token != run.token or run.started_s is None:
                     continue
-                current_allocated -= run.share_gpus
                 stop_run(run, now)
                 hi.release(key)
                 run.done = True
                 if run.pod.ran:
                     completed += 1
-                    work_done_gpu_s += run.share_gpus * run.pod.work_s
             elif kind == GIVE_UP:
                 run = runs[key]
                 if run.first_start_s is None and hi.withdraw(key) is not None:
@@ -497,7 +503,7 @@ def run_replay(
         gpus=real_gpus,
         gpu_allocated_pct=100.0 * allocated_gpu_s / (window * real_gpus),
         gpu_busy_pct=100.0 * busy_gpu_s / (window * real_gpus),
-        work_done_gpu_hours=work_done_gpu_s / 3600.0,
+        work_done_gpu_hours=(work_done_gpu_s - lost_gpu_s) / 3600.0,
         queue_delay_s=queue_delay,
         completed=completed,
         abandoned=abandoned,
