@@ -195,6 +195,15 @@ class KubeClient:
         }
         self._post_fast(f"/api/v1/namespaces/{namespace}/pods/{name}/binding", body)
 
+    def evict_pod(self, namespace: str, name: str, uid: str = "") -> None:
+        """POST pods/eviction (policy/v1 Eviction): the API server honours PodDisruptionBudgets and answers
+        429 when one refuses."""
+        metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+        body: dict[str, Any] = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": metadata}
+        if uid:
+            body["deleteOptions"] = {"preconditions": {"uid": uid}}
+        self._call("POST", f"/api/v1/namespaces/{namespace}/pods/{name}/eviction", json=body)
+
     def create_event(self, pod: dict, reason: str, message: str, kind: str = "Warning") -> None:
         meta = pod.get("metadata", {})
         namespace = meta.get("namespace", "default")

@@ -38,6 +38,7 @@ import numpy as np
 
 from flexai.k8s import names
 from flexai.k8s.quantity import QuantityError, count, cpu_milli, memory_mib
+from flexai.k8s.workload import PodWork, WorkloadError, pod_work
 from flexai.model import FULL_SHARE_MILLI, ClusterState, LedgerError, Node, Placement, Request, RequestError
 
 HEADROOM = 0.25
@@ -265,6 +266,8 @@ class PodRecord:
     """Why the pod's flexai request cannot be read ("" when it can)."""
     placement: names.Placement | None
     """The pod's placement, only when it is bound to the node the placement names."""
+    work: PodWork | None = None
+    """Class, queue and gang for the Hi Scheduler (None when they cannot be read: see ``error``)."""
 
     @property
     def finished(self) -> bool:
@@ -291,6 +294,12 @@ def slim_pod(pod: dict) -> PodRecord:
             error = error or str(exc)
     if demand is not None:
         cpu, mem = demand.cpu_milli, demand.host_memory_mib
+    work = None
+    try:
+        work = pod_work(pod)
+    except (WorkloadError, TypeError, AttributeError) as exc:
+        if demand is not None:
+            error = error or str(exc)
     placement = None
     raw = (meta.get("annotations") or {}).get(names.ANNOTATION_PLACEMENT)
     if raw and node:
@@ -314,6 +323,7 @@ def slim_pod(pod: dict) -> PodRecord:
         demand=demand,
         error=error,
         placement=placement,
+        work=work,
     )
 
 
@@ -515,6 +525,8 @@ class KubeCluster:
         """Engine requests of the newest pods, for the policy's workload profile."""
         self.ignored: dict[str, str] = {}
         """Pods whose holds could not be put in the ledger, and why."""
+        self.listeners: list[Callable[[str], None]] = []
+        """Called with a pod's key whenever the pod changed or went away (the Hi Scheduler bridge)."""
 
     # ----------------------------------------------------------------- nodes
     def upsert_node(self, node: dict) -> None:
@@ -698,6 +710,8 @@ class KubeCluster:
         if old == record:
             return
         self.pods[record.key] = record
+        for listener in self.listeners:
+            listener(record.key)
         if old is None and record.demand is not None:
             try:
                 self.recent.append(record.demand.engine_request(record.key))
@@ -709,6 +723,8 @@ class KubeCluster:
         key = pod if isinstance(pod, str) else pod_key(pod)
         self.pods.pop(key, None)
         self._set_hold(key, None)
+        for listener in self.listeners:
+            listener(key)
 
     def replace_pods(self, records: Iterable[dict | PodRecord]) -> None:
         """A fresh list: pods not in it are gone, the others are upserted."""
@@ -771,7 +787,7 @@ class KubeCluster:
         if self._state is not None:
             self._state.compact_journal()
 
-    def _placement_of(self, hold: Hold, row: int) -> Placement:
+    def placement_of(self, hold: Hold, row: int) -> Placement:
         flex = self.flex_nodes[row]
         assert flex is not None
         devices = tuple(flex.by_uuid[u] for u in hold.uuids if u in flex.by_uuid)
@@ -785,7 +801,7 @@ class KubeCluster:
         row = self.index_of.get(hold.node)
         if row is None:
             return
-        placement = self._placement_of(hold, row)
+        placement = self.placement_of(hold, row)
         try:
             self._state.reserve(key, placement)
         except LedgerError as exc:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 from starlette.requests import Request as HttpRequest
 
+from flexai.hi import HiConfig, QueueSpec
 from flexai.k8s import names
 from flexai.k8s.cluster import (
     ElasticState,
@@ -45,6 +46,7 @@ from flexai.k8s.cluster import (
     pod_key,
     slim_pod,
 )
+from flexai.k8s.hibridge import Eviction, HiBridge
 from flexai.model import Request
 from flexai.model.workload import WorkloadProfile
 from flexai.scheduler import Policy, PolicyContext, Scheduler, create_policy
@@ -127,6 +129,9 @@ class Extender:
         ready: Callable[[], bool] = lambda: True,
         assume_ttl_s: float = DEFAULT_ASSUME_TTL_S,
         per_device_metrics_limit: int = 4096,
+        hi: bool = False,
+        hi_config: HiConfig | None = None,
+        queues: list[QueueSpec] | None = None,
     ) -> None:
         self.ready = ready
         self.cluster = cluster
@@ -150,6 +155,12 @@ class Extender:
         from flexai.k8s.metrics import SchedulerMetrics
 
         self.prometheus = SchedulerMetrics()
+        self.bridge: HiBridge | None = None
+        """With ``hi``: workload decisions (order, preemption, quotas, gangs) through ``flexai.hi``."""
+        if hi:
+            self.bridge = HiBridge(
+                cluster, policy, hi_config, queues, profile=self._profile, assume_ttl_s=assume_ttl_s or 30.0
+            )
 
     # ----------------------------------------------------------------- engine
     def _profile(self) -> WorkloadProfile:
@@ -245,6 +256,8 @@ class Extender:
             return self._filter_result(args, [], {}, {n: str(exc) for n in candidates}, error=""), None
         if demand is None:
             return self._filter_result(args, candidates, {}, {}), None
+        if self.bridge is not None:
+            return self._filter_hi(args, pod, candidates), None
         cluster = self.cluster
         with self.lock:
             cluster.forget(pod_key(pod), kinds=("assumed",))  # a new cycle: its own assumption must not block it
@@ -292,6 +305,62 @@ class Extender:
         with self.lock:  # kube-scheduler sends the nodes that passed to prioritize next: keep their rows
             self._lists = [_NodeList(listed.stamp, passed, rows[ok]), *self._lists[:3]]
         return self._filter_result(args, passed, failed, unresolvable), (listed, ok)
+
+    def _filter_hi(self, args: dict[str, Any], pod: dict, candidates: list[str]) -> dict[str, Any]:
+        """Filter through the Hi Scheduler: only the node it placed the pod on passes; a waiting pod gets its
+        reason on every node. Evictions it decided are carried out (outside the lock)."""
+        assert self.bridge is not None
+        key = pod_key(pod)
+        with self.lock:
+            if key not in self.cluster.pods:
+                self.cluster.upsert_pod(pod)  # filter may come before the watch shows the pod
+            decision = self.bridge.decide(key)
+        if decision.evictions:
+            self._evict(decision.evictions)
+        if decision.node and decision.node in candidates:
+            self._count("scheduled")
+            failed = {n: f"flexai: placed on {decision.node}" for n in candidates if n != decision.node}
+            return self._filter_result(args, [decision.node], failed, {})
+        self._count("unschedulable")
+        reason = decision.reason
+        if decision.node:
+            reason = f"placed on {decision.node}, which is not among the nodes kube-scheduler's filters passed"
+        text = "flexai: " + reason
+        if decision.unresolvable:
+            self._warn_once(pod, "FlexaiUnschedulable", reason)
+            return self._filter_result(args, [], {}, {n: text for n in candidates})
+        return self._filter_result(args, [], {n: text for n in candidates}, {})
+
+    def _evict(self, evictions: list[Eviction]) -> None:
+        """Evict the victims through the Eviction API (PodDisruptionBudgets hold); a refusal rolls back the
+        preemption of its preemptor (see ``flexai.k8s.hibridge``)."""
+        assert self.bridge is not None
+        done: list[Eviction] = []
+        refused: list[Eviction] = []
+        refused_by: set[str] = set()
+        evict = getattr(self.api, "evict_pod", None)
+        for eviction in evictions:
+            if eviction.by in refused_by or evict is None:
+                refused.append(eviction)  # its preemption is rolled back: keep the other victims too
+                continue
+            try:
+                evict(eviction.namespace, eviction.name)
+            except ApiError as exc:
+                if exc.status != 404:  # 404: gone already
+                    refused.append(eviction)
+                    refused_by.add(eviction.by)
+                    continue
+            done.append(eviction)
+            if self.api is not None:
+                try:
+                    target = {"metadata": {"name": eviction.name, "namespace": eviction.namespace}}
+                    self.api.create_event(target, "FlexaiPreempted", eviction.reason, "Normal")
+                except Exception:  # noqa: BLE001  (an event is best effort)
+                    pass
+        with self.lock:
+            self.bridge.evicted(done)
+            if refused:
+                self.bridge.refused(refused, self.cluster.clock())
 
     def _ever_fits(self, state: ElasticState, demand: PodDemand, nodes: np.ndarray) -> bool:
         """Would the pod fit on one of ``nodes`` if it were empty? (False: waiting will never help; a node whose
@@ -381,6 +450,11 @@ class Extender:
             return self._node_list(candidates), zeros
         cluster = self.cluster
         key = pod_key(pod)
+        if self.bridge is not None:
+            with self.lock:
+                node = self.bridge.nominated_node(key)
+            listed = self._node_list(candidates)
+            return listed, np.array([MAX_EXTENDER_PRIORITY if n == node else 0 for n in candidates], dtype=np.int64)
         with self.lock:
             cluster.forget(key, kinds=("assumed",))
             state = cluster.state
@@ -503,6 +577,17 @@ class Extender:
                 hold = cluster.holds.get(key)
                 if hold is not None and hold.kind == "assumed" and hold.node == node and cluster.applied(key):
                     cluster.promote(key)
+                elif self.bridge is not None:
+                    placed = self.bridge.nominated_node(key)
+                    if placed != node:
+                        where = f"on {placed}" if placed else "nowhere yet"
+                        error = f"pod {namespace}/{name}: the flexai scheduler placed it {where}, not on {node}"
+                        return {"Error": error}
+                    cluster.forget(key)
+                    hold = self.bridge.hold_for(key, self.bridge.nominated[key].placement, "binding")
+                    if hold is None or not cluster.hold(key, hold):
+                        self._count("unschedulable", "bind")
+                        return {"Error": f"pod {namespace}/{name}: its slices on {node} are not free yet"}
                 else:
                     cluster.forget(key)  # assumed elsewhere, or a retried bind: never two holds
                     problem = cluster.node_problem(node)
