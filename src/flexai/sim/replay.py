@@ -414,7 +414,8 @@ def run_replay(
                 if run.first_start_s is None:
                     run.first_start_s = now
                 hi.started(s.item.id)
-                end = now + run.remaining_s if run.pod.ran else run.pod.leave_s
+                # A pod that never ran in the trace stays until its user deleted it (at once if that is past).
+                end = now + run.remaining_s if run.pod.ran else max(now, run.pod.leave_s)
                 if end <= w1:
                     push(end, FINISH, s.item.id, run.token)
             if not result.preemptions:
@@ -463,9 +464,10 @@ def run_replay(
                     completed += 1
             elif kind == GIVE_UP:
                 run = runs[key]
-                if run.first_start_s is None and hi.withdraw(key) is not None:
-                    abandoned += 1
+                if hi.withdraw(key) is not None:  # still waiting (perhaps again, after a preemption): it leaves
                     run.done = True
+                    if run.first_start_s is None:
+                        abandoned += 1
         apply(now)
     # The window closes: running work is accounted up to its end.
     for run in runs.values():
