@@ -1,5 +1,8 @@
-"""A small fake Kubernetes API server on loopback for tests: nodes, pods, bindings, events, leases, with
-list+watch (resourceVersion, 410 Gone for expired history) and injectable faults (409, 410, 500)."""
+"""A small fake Kubernetes API server on loopback for tests: nodes, pods, bindings, evictions, events, leases,
+with list+watch (resourceVersion, 410 Gone for expired history) and injectable faults (409, 410, 500).
+
+Evictions (``POST pods/{name}/eviction``) delete the pod at once (no grace period) unless a pod is protected
+as by a PodDisruptionBudget (``protect``), which answers 429 as the real API server does."""
 
 from __future__ import annotations
 
@@ -31,6 +34,13 @@ class FakeApiServer:
         self.bind_calls = 0
         self.list_calls = 0
         self.pod_patches = 0
+        self.evictions: list[str] = []
+        """``namespace/name`` of every pod evicted."""
+        self.refused_evictions: list[str] = []
+        self.protected: set[str] = set()
+        """``namespace/name`` of pods a PodDisruptionBudget protects: their evictions get 429."""
+        self.pod_deletes = 0
+        """DELETE calls on pods (a scheduler must evict, never delete)."""
         self.bind_delay_s = 0.0
         """Seconds each pods/binding POST waits before answering (a slow API server)."""
         self.app = self._build()
@@ -75,6 +85,25 @@ class FakeApiServer:
     def add_node(self, node: dict) -> None:
         with self.lock:
             self.nodes[node["metadata"]["name"]] = self._record("nodes", "ADDED", node)
+
+    def protect(self, namespace: str, name: str) -> None:
+        """A PodDisruptionBudget now refuses to evict this pod."""
+        with self.lock:
+            self.protected.add(f"{namespace}/{name}")
+
+    def delete_pod(self, namespace: str, name: str) -> bool:
+        with self.lock:
+            pod = self.pods.pop(f"{namespace}/{name}", None)
+            if pod is None:
+                return False
+            self._record("pods", "DELETED", pod)
+            return True
+
+    def finish_pod(self, namespace: str, name: str, phase: str = "Succeeded") -> None:
+        with self.lock:
+            pod = self.pods[f"{namespace}/{name}"]
+            pod.setdefault("status", {})["phase"] = phase
+            self._record("pods", "MODIFIED", pod)
 
     def add_pod(self, pod: dict) -> None:
         with self.lock:
@@ -205,6 +234,32 @@ class FakeApiServer:
                 server._record("pods", "MODIFIED", pod)
                 server.bindings.append(copy.deepcopy(body))
                 return {"kind": "Status", "status": "Success"}
+
+        @app.post("/api/v1/namespaces/{ns}/pods/{name}/eviction", status_code=201)
+        def evict(ns: str, name: str, body: dict = Body(...)) -> Any:  # noqa: B008
+            key = f"{ns}/{name}"
+            if body.get("kind") != "Eviction" or body.get("apiVersion") != "policy/v1":
+                return JSONResponse({"kind": "Status", "code": 400, "message": "not a policy/v1 Eviction"}, 400)
+            with server.lock:
+                if key not in server.pods:
+                    raise HTTPException(404, "not found")
+                if key in server.protected:
+                    server.refused_evictions.append(key)
+                    message = "Cannot evict pod as it would violate the pod's disruption budget."
+                    return JSONResponse(
+                        {"kind": "Status", "code": 429, "reason": "TooManyRequests", "message": message}, 429
+                    )
+                server.evictions.append(key)
+            server.delete_pod(ns, name)
+            return {"kind": "Status", "status": "Success"}
+
+        @app.delete("/api/v1/namespaces/{ns}/pods/{name}")
+        def delete(ns: str, name: str) -> Any:
+            with server.lock:
+                server.pod_deletes += 1
+            if not server.delete_pod(ns, name):
+                raise HTTPException(404, "not found")
+            return {"kind": "Status", "status": "Success"}
 
         @app.post("/api/v1/namespaces/{ns}/events", status_code=201)
         def event(ns: str, body: dict = Body(...)) -> dict:  # noqa: B008

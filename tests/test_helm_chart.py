@@ -119,6 +119,7 @@ def test_expected_templates_exist() -> None:
         "rbac.yaml",
         "serviceaccounts.yaml",
         "servicemonitor.yaml",
+        "queues-configmap.yaml",
     }
 
 
@@ -296,12 +297,14 @@ def test_rbac_is_least_privilege(values: dict[str, Any]) -> None:
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     ]
-    # The extender binds with the placement in the Binding: it patches no pod.
+    # The extender binds with the placement in the Binding: it patches no pod. It preempts through the
+    # Eviction API (PodDisruptionBudgets hold): it deletes no pod.
     scheduler = {(r["resources"][0], tuple(r["verbs"])) for r in rules_of(docs, "ClusterRole", "-scheduler")}
     assert scheduler == {
         ("nodes", ("get", "list", "watch")),
         ("pods", ("get", "list", "watch")),
         ("pods/binding", ("create",)),
+        ("pods/eviction", ("create",)),
         ("events", ("create",)),
     }
     assert rules_of(docs, "Role", "-scheduler-leases") == [
@@ -352,6 +355,9 @@ def test_agent_and_extender_flags_follow_the_values(values: dict[str, Any]) -> N
     assert "- --inventory-timeout\n            - {{ .Values.scheduler.extender.inventoryTimeoutSeconds | quote }}" in (
         scheduler
     )
+    assert "- --queues\n            - /etc/flexai/queues/queues.yaml" in scheduler
+    assert "name: {{ include \"flexai.fullname\" . }}-queues" in scheduler
+    assert values["scheduler"]["extender"]["hi"] is True and values["queues"] == {}
     limits = values["scheduler"]["extender"]["resources"]["limits"]
     assert limits["memory"] == "1Gi"  # the measured footprint at 150,000 pods fits (BENCHMARKS.md)
 

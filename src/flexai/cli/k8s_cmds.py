@@ -138,6 +138,12 @@ def scheduler(
     inventory_timeout: Annotated[
         float, typer.Option(help="Seconds without an agent heartbeat before a node takes no new pods.")
     ] = 120.0,
+    hi: Annotated[
+        bool, typer.Option(help="Decide through the Hi Scheduler (queues, priority classes, preemption, gangs).")
+    ] = True,
+    queues: Annotated[
+        Path | None, typer.Option(help="Queue configuration (queues.yaml of the flexai-queues ConfigMap).")
+    ] = None,
     api_server: ApiServerOption = None,
     token_file: TokenOption = None,
     insecure: InsecureOption = False,
@@ -150,6 +156,16 @@ def scheduler(
 
     if assume_ttl < 0 or inventory_timeout <= 0:
         fail("--assume-ttl must be 0 or more and --inventory-timeout more than 0 (seconds)")
+    from flexai.k8s.workload import QueueConfigError, parse_queues
+
+    queue_specs = []
+    if queues is not None:
+        try:
+            queue_specs = parse_queues(queues.read_text())
+        except OSError as exc:
+            fail(f"--queues {queues}: cannot read it ({exc})")
+        except QueueConfigError as exc:
+            fail(f"--queues {queues}: {exc}")
     service = SchedulerService(
         _client(api_server, token_file, insecure),
         namespace,
@@ -157,6 +173,8 @@ def scheduler(
         leader_election=leader_election,
         assume_ttl_s=assume_ttl,
         inventory_timeout_s=inventory_timeout,
+        hi=hi,
+        queues=queue_specs,
     )
     service.start()
     if metrics_port:

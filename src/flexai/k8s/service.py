@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 
+from flexai.hi import HiConfig, QueueSpec
 from flexai.k8s import names
 from flexai.k8s.apiclient import Informer, KubeClient, LeaderElector
 from flexai.k8s.cluster import KubeCluster, PodRecord, slim_pod
@@ -38,6 +39,9 @@ class SchedulerService:
         lease_s: int = 15,
         leader_election: bool = True,
         assume_ttl_s: float = DEFAULT_ASSUME_TTL_S,
+        hi: bool = True,
+        queues: list[QueueSpec] | None = None,
+        hi_config: HiConfig | None = None,
     ) -> None:
         self.client = client
         self.cluster = KubeCluster(inventory_timeout_s)
@@ -49,6 +53,9 @@ class SchedulerService:
             policy,
             is_leader=self.elector.is_leader if leader_election else (lambda: True),
             assume_ttl_s=assume_ttl_s,
+            hi=hi,
+            hi_config=hi_config,
+            queues=queues,
         )
         lock = self.extender.lock
         cluster = self.cluster
