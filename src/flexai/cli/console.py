@@ -18,9 +18,10 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-__all__ = ["BAD_INPUT", "FAILURE", "die", "err", "error", "fail", "out", "text"]
+__all__ = ["BAD_INPUT", "FAILURE", "die", "err", "error", "fail", "out", "progress_bar", "text"]
 
 BAD_INPUT = 2
 """Exit code: the input was refused (by the CLI or by the server); the caller must change something."""
@@ -29,6 +30,18 @@ FAILURE = 1
 
 out = Console(width=None if sys.stdout.isatty() else 120, markup=False, emoji=False, highlight=False)
 err = Console(stderr=True, markup=False, emoji=False, highlight=False)
+
+
+def progress_bar() -> Progress:
+    """The bar long work shows: description, bar, done of total, time (left behind only on a terminal)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=out,
+        transient=not sys.stdout.isatty(),
+    )
 
 
 def text(value: object, style: str = "") -> Text:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from flexai import __version__
-from flexai.cli.console import fail, text
+from flexai.cli.console import fail, progress_bar, text
 from flexai.cli.console import out as console
 
 app = typer.Typer(
@@ -143,14 +141,7 @@ def simulate(
         )
     )
     started = time.perf_counter()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=not sys.stdout.isatty(),
-    ) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("simulating", total=total_tasks)
 
         def done(label: str) -> None:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flexai.cli.console import fail, out, text
+from flexai.cli.console import fail, out, progress_bar, text
 from flexai.cli.main import app, check_writable, parse_seeds
 
 DEFAULT_LOADS = "1.1"
@@ -98,14 +96,7 @@ def replay(
         )
     )
     started = time.perf_counter()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=out,
-        transient=not sys.stdout.isatty(),
-    ) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("replaying", total=tasks)
 
         def done(result) -> None:  # noqa: ANN001
