@@ -345,6 +345,7 @@ def run_replay(
         heapq.heappush(events, (t, kind, seq, key, token))
 
     pods_by_key = {pod.key: pod for pod in workload.pods}
+    wakes: set[float] = set()
     for pod in workload.pods:
         push(pod.arrival_s, ARRIVE, pod.key)
 
@@ -390,7 +391,8 @@ def run_replay(
         nonlocal preemptions, lost_gpu_s
         for _ in range(50):
             result = hi.cycle(now)
-            if result.next_wakeup_s is not None and result.next_wakeup_s > now:
+            if result.next_wakeup_s is not None and result.next_wakeup_s > now and result.next_wakeup_s not in wakes:
+                wakes.add(result.next_wakeup_s)  # one cycle at that time is enough
                 push(result.next_wakeup_s, WAKE, "")
             for p in result.preemptions:
                 run = runs[p.victim.id]
