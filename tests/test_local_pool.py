@@ -219,6 +219,23 @@ def test_the_first_blocked_job_holds_its_devices_and_smaller_work_backfills_else
         wait_for(lambda: not pool.store.jobs(("running", "queued")), pool.tick, 30)
 
 
+def test_without_reservation_smaller_work_starts_ahead_of_a_blocked_job(tmp_path: Path) -> None:
+    from flexai.hi import HiConfig
+
+    backend, devices = discover("sim:1xA100-80GB")
+    pool = Pool(tmp_path / "state", backend, devices, PoolConfig(hi=HiConfig(reservation=False)), clock=FakeClock())
+    jobs = [
+        pool.submit(JobSubmission(gated_command(tmp_path / f"release-{n}"), share_milli=share))
+        for n, share in enumerate((500, 1000, 300))
+    ]
+    try:
+        pool.tick()
+        assert [pool.store.job(j.id).state for j in jobs] == ["running", "queued", "running"]
+    finally:
+        release_all(tmp_path)
+        wait_for(lambda: not pool.store.jobs(("running", "queued")), pool.tick, 30)
+
+
 def test_higher_priority_starts_first(tmp_path: Path) -> None:
     pool = make_pool(tmp_path, "1xA100-80GB")
     blocker = pool.submit(JobSubmission(gated_command(tmp_path / "release-0"), share_milli=1000))

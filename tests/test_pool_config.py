@@ -28,6 +28,7 @@ normal_min_runtime_s = 0
 preempt_backoff_s = 60
 preemption_grace_s = 3
 preemption = "k8s-default"
+reservation = false
 
 [queues.a]
 weight = 2
@@ -48,7 +49,7 @@ A100 = { devices = 1, memory = 81920 }
 def test_a_good_file() -> None:
     settings = parse_config(GOOD)
     assert settings == PoolSettings(
-        hi=HiConfig(normal_min_runtime_s=0, preempt_backoff_s=60, preemption="k8s-default"),
+        hi=HiConfig(normal_min_runtime_s=0, preempt_backoff_s=60, preemption="k8s-default", reservation=False),
         queues=(
             QueueSpec("a", Quota(share_milli={"*": 1000}), Quota(share_milli={"*": 500}), weight=2),
             QueueSpec(
@@ -75,7 +76,7 @@ def test_a_good_file() -> None:
         (
             "[hi]\nstarvation_limit_s = 30",
             "hi.starvation_limit_s is not allowed: an unknown key; hi takes normal_min_runtime_s, preempt_backoff_s, "
-            "preemption_delay_s, preemption_grace_s, preemption",
+            "preemption_delay_s, preemption_grace_s, preemption, reservation",
         ),
         ("[queue.a]\nweight = 1", "queue is not allowed: an unknown key; (top level) takes hi, queues"),
         ("[queues.a]\nweight = 0", "queues.a.weight=0 is not allowed: a number > 0 and <= 1000000"),

@@ -7,6 +7,8 @@ preempt_backoff_s = 1800               # a restarted victim is not preempted aga
 preemption_delay_s = 0                 # a blocked job waits this long for room before it preempts
 preemption_grace_s = 10                # a victim gets SIGTERM, this long, then SIGKILL
 preemption = "fraction-aware"          # or "k8s-default", or "none" (never preempt)
+reservation = true                     # the first blocked job holds its devices (false: smaller work may
+                                       # always start ahead of it: more use, but a large job may starve)
 
 [queues.a]
 weight = 1                             # fair share between queues beyond their guarantees
@@ -143,6 +145,7 @@ class HiSection(_Strict):
     preemption_delay_s: float = 0.0
     preemption_grace_s: float = 10.0
     preemption: str = "fraction-aware"
+    reservation: bool = True
 
     @field_validator("normal_min_runtime_s", "preempt_backoff_s", "preemption_delay_s", "preemption_grace_s")
     @classmethod
@@ -263,6 +266,7 @@ def parse_config(text: str) -> PoolSettings:
             preempt_backoff_s=section.preempt_backoff_s,
             preemption_delay_s=section.preemption_delay_s,
             preemption=section.preemption,
+            reservation=section.reservation,
         )
         queues = tuple(
             QueueSpec(

@@ -509,7 +509,11 @@ class Pool:
         else:
             if stop.then == "release":
                 self.hi.release(job_id)
-            self.hi.submit(self._item(job), now)
+            try:
+                self.hi.submit(self._item(job), now)
+            except HiError as exc:
+                self._lost(job, f"cannot be scheduled again: {exc}")
+                return
         self.runner.paths(job_id)[1].unlink(missing_ok=True)  # the stopped run's exit status means nothing
         if stop.cancel:
             self.hi.withdraw(job_id)
@@ -608,7 +612,7 @@ class Pool:
                 continue
             try:
                 self.hi.adopt(self._item(job), placement, self._since(job.started_at))
-            except LedgerError as exc:
+            except (LedgerError, HiError) as exc:
                 self._lost(job, f"cannot hold its slices again: {exc}")
                 continue
             handle = self._running[job.id] = Handle(job, None)
@@ -631,7 +635,7 @@ class Pool:
                 try:
                     self.hi.adopt(self._item(job), placement, self._since(job.started_at))
                     then = "release"
-                except LedgerError:
+                except (LedgerError, HiError):
                     pass
             stop = self._stopping[job.id] = _Stop(handle, now + self.config.preemption_grace_s, then)
             if not self.runner.terminate(handle):
@@ -640,7 +644,10 @@ class Pool:
             self.store.event(job.id, "adopted", f"preempted job still stopping (pid {job.pid}): stopping it again")
         waiting += self.store.jobs(("queued",))
         for job in sorted(waiting, key=lambda j: j.seq):
-            self.hi.submit(self._item(job), now)
+            try:
+                self.hi.submit(self._item(job), now)
+            except HiError as exc:  # a record this version cannot schedule: say so, start the others
+                self._lost(job, f"cannot be scheduled again: {exc}")
         self._reap()
 
     def _lost(self, job: JobRecord, reason: str) -> None:
