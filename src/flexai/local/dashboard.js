@@ -91,7 +91,7 @@
           textContent: `${j.device_count} × ${pct(j.share_milli)}, ${j.memory_mib} MiB` + (j.model ? " on " + j.model : ""),
         }),
         el("td", { textContent: Math.round(now - j.submitted_at) + " s" }),
-        el("td", { className: "reason", textContent: (j.state === "preempted" ? "preempted: " : "") + j.reason }),
+        el("td", { className: "reason", textContent: j.reason }),
       ),
     );
   }
