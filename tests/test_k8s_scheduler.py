@@ -123,7 +123,7 @@ def device_usage(server: FakeApiServer) -> dict[str, int]:
 def test_scheduler_binds_through_faults_without_losing_or_double_granting(apiserver: FakeApiServer) -> None:
     for n in (node("n1", 2), node("n2", 2)):
         apiserver.add_node(n)
-    service = SchedulerService(KubeClient(apiserver.url), leader_election=False)
+    service = SchedulerService(KubeClient(apiserver.url), leader_election=False, hi=False)  # binds without filter
     service.start()
     try:
         assert service.wait_synced(10)

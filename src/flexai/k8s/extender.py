@@ -315,8 +315,11 @@ class Extender:
             if key not in self.cluster.pods:
                 self.cluster.upsert_pod(pod)  # filter may come before the watch shows the pod
             decision = self.bridge.decide(key)
-        if decision.evictions:
-            self._evict(decision.evictions)
+        if decision.evictions and self._evict(decision.evictions) and not decision.node:
+            with self.lock:
+                if key not in self.bridge.nominated:
+                    reason = self.bridge.hi.reason(key) if self.bridge.hi is not None else ""
+                    decision.reason = "an eviction for it was refused (PodDisruptionBudget); " + (reason or "it waits")
         if decision.node and decision.node in candidates:
             self._count("scheduled")
             failed = {n: f"flexai: placed on {decision.node}" for n in candidates if n != decision.node}
@@ -331,7 +334,7 @@ class Extender:
             return self._filter_result(args, [], {}, {n: text for n in candidates})
         return self._filter_result(args, [], {n: text for n in candidates}, {})
 
-    def _evict(self, evictions: list[Eviction]) -> None:
+    def _evict(self, evictions: list[Eviction]) -> bool:
         """Evict the victims through the Eviction API (PodDisruptionBudgets hold); a refusal rolls back the
         preemption of its preemptor (see ``flexai.k8s.hibridge``)."""
         assert self.bridge is not None
@@ -361,6 +364,7 @@ class Extender:
             self.bridge.evicted(done)
             if refused:
                 self.bridge.refused(refused, self.cluster.clock())
+        return bool(refused)
 
     def _ever_fits(self, state: ElasticState, demand: PodDemand, nodes: np.ndarray) -> bool:
         """Would the pod fit on one of ``nodes`` if it were empty? (False: waiting will never help; a node whose

@@ -17,7 +17,8 @@ A ``Preempt`` of a bound pod is an eviction (``POST pods/{name}/eviction``), so 
 victim only nominated (not bound yet) just loses its nomination and goes back to its queue. When the API
 server refuses an eviction (429: a PodDisruptionBudget), the preemption is rolled back: the preemptor's
 nomination is released and it waits in its queue again; the victims not evicted yet are adopted back with
-their slices and are not chosen again for ``refused_backoff_s``. Victims already evicted stay evicted.
+their slices and, as any preempted work, are not chosen again for ``HiConfig.preempt_backoff_s`` (default
+30 min). Victims already evicted stay evicted.
 """
 
 from __future__ import annotations
@@ -63,7 +64,6 @@ class HiBridge:
         queues: list[QueueSpec] | None = None,
         profile: Callable[[], WorkloadProfile] | None = None,
         assume_ttl_s: float = 30.0,
-        refused_backoff_s: float = 300.0,
     ) -> None:
         self.cluster = cluster
         self.policy_name = policy
@@ -71,7 +71,6 @@ class HiBridge:
         self.queue_specs = list(queues or [])
         self.profile = profile
         self.assume_ttl_s = max(assume_ttl_s, 1.0)
-        self.refused_backoff_s = refused_backoff_s
         self.hi: HiScheduler | None = None
         self._stamp: tuple[int, int] | None = None
         self.dirty: set[str] = set()
@@ -82,6 +81,8 @@ class HiBridge:
         self.problems: dict[str, str] = {}
         """Pods the bridge could not account for, and why (e.g. a bound pod over a node's capacity)."""
         self.pending_evictions: list[Eviction] = []
+        self.evicting: set[str] = set()
+        """Victims whose pods hold slices until they are gone (their evictions are asked for)."""
         self.evictions_total = 0
         self.refusals_total = 0
         cluster.listeners.append(self.dirty.add)
@@ -110,6 +111,7 @@ class HiBridge:
             if hold is not None and hold.kind == "assumed":
                 self.cluster.forget(key)
         self.nominated.clear()
+        self.evicting.clear()
         self.items.clear()
         self.external.clear()
         self.problems.clear()
@@ -230,6 +232,7 @@ class HiBridge:
             hi.state.unreserve("ext:" + key)
             self.external.discard(key)
         self.items.pop(key, None)
+        self.evicting.discard(key)
         self.first_seen.pop(key, None)
         self.problems.pop(key, None)
 
@@ -264,7 +267,7 @@ class HiBridge:
             decision.reason = "the node it was placed on is gone; placed again"
             self._unnominate(key, now)
             return decision
-        waiting = [v for v in start.after if self._present(v)]
+        waiting = [v for v in start.after if v in self.evicting and self._present(v)]
         if waiting:
             labels = ", ".join(self.items[v].label if v in self.items else v for v in waiting[:3])
             decision.reason = f"preempted {len(start.after)} pod(s) for it on {node.name}; waits for {labels} to stop"
@@ -314,7 +317,9 @@ class HiBridge:
         assert self.hi is not None
         victim = preempt.victim.id
         record = self.cluster.pods.get(victim)
-        if record is None or not record.node:
+        hold = self.cluster.holds.get(victim)
+        bound = record is not None and (bool(record.node) or (hold is not None and hold.kind != "assumed"))
+        if not bound:
             # Only nominated (or gone): no pod to stop; it waits in its queue again.
             self.nominated.pop(victim, None)
             self.cluster.forget(victim)
@@ -322,6 +327,8 @@ class HiBridge:
             if record is None:
                 self._forget(victim)
             return
+        assert record is not None
+        self.evicting.add(victim)
         self.pending_evictions.append(Eviction(victim, record.namespace, record.name, preempt.by, preempt.reason))
 
     def _unnominate(self, key: str, now: float) -> None:
@@ -348,18 +355,19 @@ class HiBridge:
                 self._unnominate(by, now)
         for eviction in evictions:
             victim = eviction.victim
+            self.evicting.discard(victim)
             item = hi.stopping.get(victim)
             if item is None:
                 continue
             hi.release(victim)  # out of "stopping"; its slices are taken back below
+            # The preemption did not happen: the victim must not be kept from its preemptor for good (hi's
+            # lineage); the back-off after a preemption still applies. No public hook in flexai.hi yet.
+            hi._lineage.pop(victim, None)  # noqa: SLF001
             placement = self._placement(victim)
             if placement is None:
                 continue
             if not self._adopt_back(item, placement):
                 self.problems[victim] = "its eviction was refused, and its slices were given to others meanwhile"
-                continue
-            running = hi.running[victim]
-            running.protected_until_s = max(running.protected_until_s, now + self.refused_backoff_s)
 
     def _adopt_back(self, item: WorkItem, placement: Placement) -> bool:
         hi = self.hi
