@@ -217,6 +217,22 @@ class HiScheduler:
         self.queues.ensure(item.queue)
         self._record_start(item, placement, started_s)
 
+    def preemption_refused(self, victim_id: str) -> WorkItem | None:
+        """The adapter could not stop a victim (Kubernetes: a PodDisruptionBudget refused its eviction).
+
+        The victim leaves ``stopping`` without going back to its queue (the adapter adopts it again with its
+        slices), and what the preemption recorded against it is forgotten, except the back-off, which keeps
+        it from being picked again at once."""
+        item = self.stopping.pop(victim_id, None)
+        if item is not None:
+            self._lineage.pop(victim_id, None)
+            count = self.preempt_count.get(victim_id, 0)
+            if count <= 1:
+                self.preempt_count.pop(victim_id, None)
+            else:
+                self.preempt_count[victim_id] = count - 1
+        return item
+
     def started(self, item_id: str) -> None:
         """The adapter really started ``item_id`` (gangs are released if this does not come in time)."""
         for gang, (_, members) in list(self._unconfirmed_gangs.items()):

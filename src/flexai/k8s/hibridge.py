@@ -356,13 +356,11 @@ class HiBridge:
         for eviction in evictions:
             victim = eviction.victim
             self.evicting.discard(victim)
-            item = hi.stopping.get(victim)
+            # The preemption did not happen: out of "stopping", its slices are taken back below; hi forgets
+            # the preemption except its back-off.
+            item = hi.preemption_refused(victim)
             if item is None:
                 continue
-            hi.release(victim)  # out of "stopping"; its slices are taken back below
-            # The preemption did not happen: the victim must not be kept from its preemptor for good (hi's
-            # lineage); the back-off after a preemption still applies. No public hook in flexai.hi yet.
-            hi._lineage.pop(victim, None)  # noqa: SLF001
             placement = self._placement(victim)
             if placement is None:
                 continue
