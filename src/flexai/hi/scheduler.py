@@ -162,7 +162,8 @@ class HiScheduler:
         self._static_nodes: dict[tuple[object, ...], list[int]] = {}
         self._static_arrays: dict[tuple[object, ...], np.ndarray] = {}
         self._protection_heap: list[tuple[float, str]] = []
-        self._eligible_cache: dict[int, tuple[int, float, list[Running]]] = {}
+        self._eligible_cache: dict[tuple[int, int], tuple[int, float, list[Running]]] = {}
+        """Per (node, preemptor class): the candidates, valid while the node is unchanged for that class."""
         self._protection_cache: tuple[int, float, float] | None = None
         self._mask_cache: tuple[int, np.ndarray] | None = None
 
@@ -648,7 +649,7 @@ class HiScheduler:
             cls = int(preemptor.priority_class)
             for n in nodes:
                 key = int(self._touched_at[cls, n])
-                cached = self._eligible_cache.get(n)
+                cached = self._eligible_cache.get((n, cls))
                 if cached is None or cached[0] != key or cached[1] != now_s:
                     members = [
                         r
@@ -657,7 +658,7 @@ class HiScheduler:
                         and now_s >= r.protected_until_s
                         and not r.item.gang
                     ]
-                    cached = self._eligible_cache[n] = (key, now_s, members)
+                    cached = self._eligible_cache[(n, cls)] = (key, now_s, members)
                 members = [r for r in cached[2] if preemptor.id not in r.preempted_by]
                 if members:
                     by_node[n] = members
