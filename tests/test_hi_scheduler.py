@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from flexai.hi import HiConfig, HiError, HiScheduler, PriorityClass, QueueSpec, Quota, WorkItem
@@ -347,8 +347,21 @@ def test_never_preempt_an_equal_or_higher_class(steps) -> None:
         assert victim_cls < by_cls and victim_cls is not HIGH
 
 
+# Found by this property in CI: candidate victims were cached per node only, so a normal preemptor that asked
+# right after a high one got the high one's list, with normal victims of its own queue in it.
+CACHED_VICTIMS_CASE = [
+    ("submit", 100, 1, LOW, "a", 0), ("submit", 100, 2, NORMAL, "a", 0), ("release", 100, 1, LOW, "a", 0),
+    ("submit", 100, 1, LOW, "a", 0), ("submit", 100, 1, NORMAL, "a", 0), ("submit", 1000, 1, NORMAL, "b", 0),
+    ("submit", 100, 1, LOW, "a", 0), ("submit", 100, 1, LOW, "a", 0), ("submit", 100, 2, NORMAL, "a", 0),
+    ("submit", 100, 2, NORMAL, "b", 0), ("submit", 1000, 1, NORMAL, "b", 0), ("release", 100, 1, LOW, "a", 0),
+    ("submit", 100, 1, LOW, "a", 0), ("submit", 100, 1, LOW, "a", 0), ("submit", 100, 1, LOW, "a", 0),
+    ("submit", 100, 1, LOW, "a", 0), ("submit", 1000, 1, HIGH, "a", 0),
+]
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(actions)
+@example(CACHED_VICTIMS_CASE)
 def test_reclaim_only_takes_back_borrowed_capacity(steps) -> None:
     _, log = _drive(steps, reclaim=True, gangs=False)
     for (victim_cls, victim_queue, _), by_cls, by_queue, borrowers in log:
