@@ -66,19 +66,23 @@ def parse_seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
-def parse_policies(text: str) -> list[str]:
-    from flexai.scheduler import policy_names
-
-    known = policy_names()
+def parse_names(option: str, text: str, known: list[str]) -> list[str]:
+    """A comma-separated choice among ``known`` names, or 'all'."""
     if text.strip() == "all":
         return known
     chosen = [p.strip() for p in text.split(",") if p.strip()]
     for p in chosen:
         if p not in known:
-            fail(f"--policy={p!r} is not known: choose from {', '.join(known)} or all")
+            fail(f"{option}={p!r} is not known: choose from {', '.join(known)} or all")
     if not chosen:
-        fail(f"--policy={text!r} is not allowed: name one or more of {', '.join(known)} or all")
+        fail(f"{option}={text!r} is not allowed: name one or more of {', '.join(known)} or all")
     return list(dict.fromkeys(chosen))
+
+
+def parse_policies(text: str) -> list[str]:
+    from flexai.scheduler import policy_names
+
+    return parse_names("--policy", text, policy_names())
 
 
 @app.callback(invoke_without_command=True)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from flexai.cli.console import fail, out, progress_bar, text
-from flexai.cli.main import app, check_writable, parse_seeds
+from flexai.cli.main import app, check_writable, parse_names, parse_seeds
 
 DEFAULT_LOADS = "1.1"
 DEFAULT_SEEDS = "42"
@@ -32,16 +32,7 @@ def parse_loads(value: str) -> list[float]:
 def parse_schedulers(value: str) -> list[str]:
     from flexai.sim.replay import REPLAY_SCHEDULERS
 
-    known = list(REPLAY_SCHEDULERS)
-    if value.strip() == "all":
-        return known
-    chosen = [s.strip() for s in value.split(",") if s.strip()]
-    for s in chosen:
-        if s not in known:
-            fail(f"--scheduler={s!r} is not known: choose from {', '.join(known)} or all")
-    if not chosen:
-        fail(f"--scheduler={value!r} is not allowed: name one or more of {', '.join(known)} or all")
-    return list(dict.fromkeys(chosen))
+    return parse_names("--scheduler", value, list(REPLAY_SCHEDULERS))
 
 
 @app.command()

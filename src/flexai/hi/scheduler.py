@@ -87,7 +87,7 @@ class _Bucket:
     __slots__ = (
         "key",
         "items",
-        "blocked_version",
+        "blocked",
         "preempt_blocked",
         "reason",
         "request",
@@ -101,8 +101,8 @@ class _Bucket:
         self.request = request
         self.is_gang = is_gang
         self.items: list[tuple[float, int, WorkItem]] = []
-        self.blocked_version: int | None = None
-        """Placement version at which the head was found not to fit (None = try it)."""
+        self.blocked = False
+        """The head was found not to fit; it is tried again once resources free where it could fit."""
         self.preempt_blocked: tuple[int, float] | None = None
         """(victim version, valid until) at which preemption found no victims."""
         self.reason: str | tuple[object, ...] = ""
@@ -144,8 +144,6 @@ class HiScheduler:
         self._bucket_of: dict[str, tuple[object, ...]] = {}
         self._seq = itertools.count()
         self._now_s = 0.0
-        self._version = 0
-        """Bumped whenever resources are freed (a blocked bucket may fit again)."""
         self._victim_version = 0
         """Bumped whenever an item starts (a new possible victim) or resources are freed."""
         self._dirty_nodes: set[int] = set()
@@ -164,7 +162,6 @@ class HiScheduler:
         self._protection_heap: list[tuple[float, str]] = []
         self._eligible_cache: dict[tuple[int, int], tuple[int, float, list[Running]]] = {}
         """Per (node, preemptor class): the candidates, valid while the node is unchanged for that class."""
-        self._protection_cache: tuple[int, float, float] | None = None
         self._mask_cache: tuple[int, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ input
@@ -282,7 +279,7 @@ class HiScheduler:
         if self._dirty_queues:
             for bucket in self._buckets.values():
                 if bucket.quota_blocked and bucket.head.queue in self._dirty_queues:
-                    bucket.blocked_version = None
+                    bucket.blocked = False
             self._dirty_queues = set()
         if self._head is not None and self._head not in self.pending:
             self._clear_head()
@@ -317,7 +314,7 @@ class HiScheduler:
         bisect.insort(bucket.items, (item.submit_time_s, next(self._seq), item))
         self._pending_since[item.id] = self._now_s
         if bucket.is_gang:
-            bucket.blocked_version = None  # a new member may complete the gang
+            bucket.blocked = False  # a new member may complete the gang
         self.pending[item.id] = item
         self._bucket_of[item.id] = key
 
@@ -331,7 +328,6 @@ class HiScheduler:
             del self._buckets[key]
 
     def _freed(self, node_index: int) -> None:
-        self._version += 1
         self._touch(node_index)
         self._dirty_nodes.add(node_index)
 
@@ -398,16 +394,16 @@ class HiScheduler:
         """Buckets blocked before resources were freed on ``nodes`` are tried again if they could fit there."""
         rows = {n: self._node_free(n) for n in nodes}
         for bucket in self._buckets.values():
-            if bucket.blocked_version is None:
+            if not bucket.blocked:
                 if bucket.recheck_nodes is not None:
                     bucket.recheck_nodes |= nodes
                 continue
             if bucket.is_gang:
-                bucket.blocked_version = None
+                bucket.blocked = False
                 continue
             where = {n for n, row in rows.items() if self._fits_on(bucket.request, n, row)}
             if where:
-                bucket.blocked_version = None
+                bucket.blocked = False
                 bucket.recheck_nodes = where
 
     def _node_free(self, node: int) -> tuple[list[int], list[int], int, int, bool]:
@@ -462,7 +458,7 @@ class HiScheduler:
         return [m for m in models if not request.allowed_models or m in request.allowed_models]
 
     def _worth_trying(self, bucket: _Bucket, now_s: float) -> bool:
-        if bucket.blocked_version is None:
+        if not bucket.blocked:
             return True
         if bucket.is_gang:
             return False
@@ -535,24 +531,24 @@ class HiScheduler:
         if request is None:
             model = next(iter(self._models_for(item.request)), "")
             bucket.reason = f"waits for queue {item.queue}'s quota: {self.queues.describe(item.queue, model)}"
-            bucket.blocked_version = self._version
+            bucket.blocked = True
             bucket.quota_blocked = True
             return False
         bucket.quota_blocked = False
-        if bucket.blocked_version is None and bucket.recheck_nodes is not None:
+        if not bucket.blocked and bucket.recheck_nodes is not None:
             # Freed resources elsewhere were taken earlier in this cycle: skip the engine unless they still fit.
             nodes = bucket.recheck_nodes
             bucket.recheck_nodes = None
             if not any(self._fits_on(request, n, self._node_free(n)) for n in nodes):
-                bucket.blocked_version = self._version
-        if bucket.blocked_version is None:
+                bucket.blocked = True
+        if not bucket.blocked:
             outcome = self.engine.schedule(request, item.id, node_mask=self._mask(item))
             if outcome.status is Status.SCHEDULED and outcome.placement is not None:
                 self._start(item, outcome.placement, now_s, result, "placed")
                 return True
             if outcome.status is Status.ERROR:
                 raise RuntimeError(outcome.reason)
-            bucket.blocked_version = self._version
+            bucket.blocked = True
             held = outcome.reason.startswith("fits only on nodes held")
             bucket.reason = ("held", request) if held else ("resources", request)
         if self.preemption is not None and self._may_preempt(item):
@@ -745,7 +741,6 @@ class HiScheduler:
             self._lineage[v.item.id] = frozenset(list({item.id} | self._lineage.get(item.id, frozenset()))[:64])
             lost = self.lost_work_s(v, now_s)
             result.preemptions.append(Preempt(v.item, item.id, f"preempted by {item.label} to free {freed}", lost))
-        self._version += 1
         self._touch(choice.node_index)  # its victims are gone: every class's view of the node changed
         self._dirty_nodes.add(choice.node_index)  # share freed beyond the hole may seat others
         self._start(
@@ -787,7 +782,7 @@ class HiScheduler:
     def _next_wakeup(self, now_s: float) -> float | None:
         wake = INFINITY
         for bucket in self._buckets.values():
-            if bucket.preempt_blocked is not None and bucket.blocked_version is not None:
+            if bucket.preempt_blocked is not None and bucket.blocked:
                 wake = min(wake, bucket.preempt_blocked[1])
         for deadline, _ in self._unconfirmed_gangs.values():
             wake = min(wake, deadline)
@@ -801,7 +796,7 @@ class HiScheduler:
         if len(members) < size:
             waited = now_s - bucket.items[0][0]
             bucket.reason = f"gang {gang}: {len(members)} of {size} members submitted (first {waited:.0f} s ago)"
-            bucket.blocked_version = self._version
+            bucket.blocked = True
             return False
         checkpoint = self.state.checkpoint()
         trial = CycleResult()
@@ -824,7 +819,7 @@ class HiScheduler:
             self.queues.add(member.queue, self._model_of_node[placement.node_index], member.request, -1)
         if not ok:
             self._rollback_placements(checkpoint, placed)
-            bucket.blocked_version = self._version
+            bucket.blocked = True
             return False
         for member, placement in placed:
             self._start(member, placement, now_s, trial, f"gang {gang}: all {size} members placed")

@@ -25,7 +25,7 @@ import heapq
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -279,27 +279,8 @@ class ReplayResult:
     """Hourly points for the report: time (h), allocated and busy GPUs, and the queueing delays per class."""
 
     def json(self) -> dict[str, object]:
-        keys = (
-            "scheduler",
-            "load",
-            "seed",
-            "gpu_allocated_pct",
-            "gpu_busy_pct",
-            "work_done_gpu_hours",
-            "queue_delay_s",
-            "completed",
-            "abandoned",
-            "preemptions",
-            "preempted_over_3",
-            "lost_gpu_hours",
-            "wall_s",
-            "pods",
-            "never_fit",
-            "offered_load",
-            "copies",
-            "gpus",
-        )
-        return {k: getattr(self, k) for k in keys}
+        """Every field but the hourly series (those go to the plots)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "series"}
 
 
 Progress = Callable[[float], None]
