@@ -436,7 +436,11 @@ class Pool:
         for job_id, stop in list(self._stopping.items()):
             if self._gone(stop.handle):
                 self._stopped(job_id)
-            elif not stop.killed and now >= stop.kill_at:
+            elif stop.killed:
+                # A command forked while its shim was being killed outlives the first SIGKILL: its session is
+                # still this job's (a session id is not reused while a member lives), so kill what is left.
+                self._kill_session(stop.handle)
+            elif now >= stop.kill_at:
                 stop.killed = True
                 self._kill_session(stop.handle)
                 self.store.event(
