@@ -29,6 +29,7 @@ import numpy as np
 
 from flexai.hi.preemption import PREEMPTION_PLUGINS, PreemptionPlugin, VictimSet
 from flexai.hi.queues import QueueBook, QueueSpec
+from flexai.hi.timeshare import Guest, TimeSharing
 from flexai.hi.work import CycleResult, HiError, Preempt, PriorityClass, Running, Start, WorkItem
 from flexai.model.cluster import Placement, Request
 from flexai.model.units import FULL_SHARE_MILLI
@@ -59,6 +60,15 @@ class HiConfig:
     preemption_delay_s: float = 0.0
     """A blocked item waits this long for resources to free by themselves before it preempts (work that
     departs on its own costs nobody anything; evictions cost lost work)."""
+    timeshare: bool = False
+    """``low`` work that cannot be placed may run as a guest on idle share granted to others (see
+    ``flexai.hi.timeshare``); needs the adapter to ``observe_devices``."""
+    timeshare_busy_pct: float = 50.0
+    """A device whose owners use this much of it or more is busy: its guests pause and no guest starts there."""
+    timeshare_max_guests: int = 1
+    """Guests per device (each one slows the owners a little)."""
+    timeshare_memory_headroom_pct: float = 5.0
+    """Device memory kept free beside owners and guests."""
 
     def __post_init__(self) -> None:
         if self.preemption != "none" and self.preemption not in PREEMPTION_PLUGINS:
@@ -68,6 +78,12 @@ class HiConfig:
             value = getattr(self, name)
             if not 0 <= value < 1e12:
                 raise HiError(f"{name}={value!r} is not allowed: seconds >= 0")
+        for name in ("timeshare_busy_pct", "timeshare_memory_headroom_pct"):
+            value = getattr(self, name)
+            if not 0 <= value <= 100:
+                raise HiError(f"{name}={value!r} is not allowed: a percentage 0..100")
+        if not 1 <= self.timeshare_max_guests <= 64:
+            raise HiError(f"timeshare_max_guests={self.timeshare_max_guests!r} is not allowed: 1..64")
 
 
 def shape_key(request: Request) -> tuple[object, ...]:
@@ -163,11 +179,18 @@ class HiScheduler:
         self._eligible_cache: dict[tuple[int, int], tuple[int, float, list[Running]]] = {}
         """Per (node, preemptor class): the candidates, valid while the node is unchanged for that class."""
         self._mask_cache: tuple[int, np.ndarray] | None = None
+        self._guest_items: dict[str, WorkItem] = {}
+        self.timesharing = TimeSharing(
+            self.state,
+            self.config.timeshare_busy_pct / 100.0,
+            self.config.timeshare_max_guests,
+            self.config.timeshare_memory_headroom_pct,
+        )
 
     # ------------------------------------------------------------------ input
     def submit(self, item: WorkItem, now_s: float | None = None) -> None:
         """Add a pending item (its submit time orders it; ``now_s``, default its submit time, starts its wait)."""
-        if item.id in self.pending or item.id in self.running or item.id in self.stopping:
+        if item.id in self.pending or item.id in self.running or item.id in self.stopping or item.id in self.guests:
             raise HiError(f"id={item.id!r} is already known: work item ids must be unique")
         self._now_s = item.submit_time_s if now_s is None else now_s
         self.queues.ensure(item.queue)
@@ -191,6 +214,10 @@ class HiScheduler:
     def release(self, item_id: str) -> Placement | None:
         """A running (or stopping) item ended for good: return its slices. Idempotent."""
         self.stopping.pop(item_id, None)
+        guest = self.timesharing.remove(item_id)
+        if guest is not None:
+            self._guest_items.pop(item_id, None)
+            return guest.placement
         running = self._forget_running(item_id)
         if running is None:
             return None
@@ -230,6 +257,19 @@ class HiScheduler:
             else:
                 self.preempt_count[victim_id] = count - 1
         return item
+
+    def observe_devices(self, busy: np.ndarray, owner_memory_mib: np.ndarray) -> None:
+        """What the devices did lately (time-sharing): the owners' utilisation of each device (0..1, shape
+        nodes x devices as in the ledger) and the device memory they hold (MiB, guests not included)."""
+        try:
+            self.timesharing.observe(busy, owner_memory_mib)
+        except ValueError as exc:
+            raise HiError(str(exc)) from None
+
+    @property
+    def guests(self) -> dict[str, Guest]:
+        """Guests running on others' idle share (time-sharing), by item id."""
+        return self.timesharing.guests
 
     def started(self, item_id: str) -> None:
         """The adapter really started ``item_id`` (gangs are released if this does not come in time)."""
@@ -299,8 +339,55 @@ class HiScheduler:
             placed = self._try_gang(bucket, now_s, result) if bucket.is_gang else self._try_one(bucket, now_s, result)
             if placed and key in self._buckets:
                 heapq.heappush(heap, (self._order(bucket), next(self._seq), key))
+        if self.config.timeshare:
+            self._timeshare(now_s, result)
         result.next_wakeup_s = self._next_wakeup(now_s)
         return result
+
+    # ------------------------------------------------------------------ internals: time-sharing
+    def _timeshare(self, now_s: float, result: CycleResult) -> None:
+        sharing = self.timesharing
+        for guest in sharing.memory_evictions():
+            sharing.remove(guest.item_id)
+            item = self._guest_items.pop(guest.item_id)
+            self.stopping[item.id] = item
+            node = self.state.nodes[guest.placement.node_index].name
+            devices = ", ".join(f"GPU {d}" for d in guest.placement.device_indices)
+            result.preemptions.append(
+                Preempt(
+                    item,
+                    "",
+                    f"its owners need the device memory on {devices} of {node}",
+                    now_s - guest.started_s,
+                    kind="yield",
+                )
+            )
+        pauses, resumes = sharing.pause_changes()
+        result.pauses.extend(pauses)
+        result.resumes.extend(resumes)
+        if not sharing.observed or not sharing.usable().any():
+            return
+        buckets = sorted(
+            (b for b in self._buckets.values() if b.head.priority_class is PriorityClass.LOW and not b.is_gang),
+            key=self._order,
+        )
+        for bucket in buckets:
+            for _, _, item in list(bucket.items):
+                placement = sharing.place(self.engine.effective(item.request))
+                if placement is None:
+                    break  # the rest of the bucket has the same shape
+                self._dequeue(item)
+                if self._head == item.id:
+                    self._clear_head()
+                sharing.add(item.id, item.request, placement, now_s)
+                self._guest_items[item.id] = item
+                node = self.state.nodes[placement.node_index].name
+                devices = ", ".join(f"GPU {d}" for d in placement.device_indices)
+                result.starts.append(
+                    Start(
+                        item, placement, f"opportunistic on the idle share of {devices} on {node}", opportunistic=True
+                    )
+                )
 
     # ------------------------------------------------------------------ internals: bookkeeping
     def _enqueue(self, item: WorkItem) -> None:

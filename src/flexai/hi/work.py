@@ -95,6 +95,9 @@ class Start:
     placement: Placement
     reason: str
     after: tuple[str, ...] = ()
+    opportunistic: bool = False
+    """A guest on share granted to others (``low`` work on idle time): nothing is reserved in the ledger; it
+    pauses while the owners are busy and yields when they need the memory."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,21 @@ class Preempt:
 
     victim: WorkItem
     by: str
+    reason: str
+    lost_work_s: float
+    kind: str = "preempt"
+    """``preempt`` (for a higher-class or reclaiming item), ``yield`` (a guest whose owners need the memory) or
+    ``gang`` (a gang that did not start in time)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Migrate ``item`` from ``source`` to ``target`` (both already moved in the ledger: the target is held for
+    it): stop it, then start it again on the target. Costs its work since its last checkpoint."""
+
+    item: WorkItem
+    source: Placement
+    target: Placement
     reason: str
     lost_work_s: float
 
@@ -115,3 +133,9 @@ class CycleResult:
     """Why each item still pending waits."""
     next_wakeup_s: float | None = None
     """When a protection ends that could let a waiting item preempt: run a cycle then even if nothing happens."""
+    moves: list[Move] = field(default_factory=list)
+    """Migrations (defragmentation and consolidation), carried out before the starts that wait on them."""
+    pauses: list[str] = field(default_factory=list)
+    """Guests to pause now (their devices' owners are busy)."""
+    resumes: list[str] = field(default_factory=list)
+    """Paused guests to resume (their owners are idle again)."""
