@@ -278,6 +278,15 @@ class HiScheduler:
             if not members:
                 del self._unconfirmed_gangs[gang]
 
+    def adopt_guest(self, item: WorkItem, placement: Placement, started_s: float) -> None:
+        """Register a guest that already runs (time-sharing, after a restart of the adapter). Nothing is reserved in
+        the ledger; it counts as running (the adapter resumes it) until the next cycle pauses it or makes it yield."""
+        if item.id in self.pending or item.id in self.running or item.id in self.stopping or item.id in self.guests:
+            raise HiError(f"id={item.id!r} is already known: work item ids must be unique")
+        self.queues.ensure(item.queue)
+        self.timesharing.add(item.id, item.request, placement, started_s)
+        self._guest_items[item.id] = item
+
     # ------------------------------------------------------------------ views
     def reason(self, item_id: str) -> str:
         key = self._bucket_of.get(item_id)
