@@ -1,0 +1,376 @@
+"""The remote XPU frame: a fixed prefix, a msgpack header, raw tensor buffers.
+
+```
+prefix  20 bytes  magic b"FXAI", version u16, flags u16, header length u32, payload length u64 (big endian)
+header  msgpack   a map: op, id, lease, epoch, token, ... and ``args``, a tree of values in which an array is
+                  {"$buf": i, "dtype": "<f4", "shape": [..]}, raw bytes are {"$bytes": i} and a resident object
+                  is {"$ref": n}; ``bufs`` lists the byte length of each buffer
+payload           the buffers, back to back, exactly as in memory (C order)
+```
+
+Sending is scatter-gather: ``socket.sendmsg`` takes the prefix, the header and every array's memory (buffer
+protocol) in one call, so a large array is never copied into a bytes object. Over TLS (``SSLSocket`` has no
+``sendmsg``) small parts are joined and large ones written straight from the array's memory. Receiving reads the
+header, validates it, allocates each array with ``numpy.empty`` and fills it with ``recv_into``.
+
+Nothing here unpickles: msgpack extension types are refused, dtypes are limited to booleans, integers, floats
+and complex numbers (no object, string or structured dtype), and every size is bounded (``Limits``) before
+anything is allocated.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from flexai.remote.errors import FrameError, TransferError
+
+MAGIC = b"FXAI"
+VERSION = 1
+PREFIX = struct.Struct("!4sHHIQ")
+PREFIX_BYTES = PREFIX.size
+MAX_DEPTH = 32
+"""How deep a value tree may nest (lists and dicts inside each other)."""
+MAX_NDIM = 32
+SMALL_PART_BYTES = 64 * 1024
+"""Parts up to this size are joined into one write over TLS (one record instead of several)."""
+SENDMSG_MAX_PARTS = 512
+"""Below the kernel's IOV_MAX (1024) with room to spare."""
+RECV_CHUNK_BYTES = 4 << 20
+"""``recv_into`` reads a large buffer in chunks of this size (one system call per chunk)."""
+
+_DTYPE = re.compile(r"^[<>|=]?(b1|[iu][1248]|f[248]|c(8|16))$")
+ALLOWED_DTYPES = "bool, int8..int64, uint8..uint64, float16/32/64, complex64/128"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one frame may carry; a frame outside them is refused before anything is allocated."""
+
+    max_header_bytes: int = 1 << 20
+    max_payload_bytes: int = 4 << 30
+    max_buffers: int = 4096
+    max_items: int = 100_000
+    """Values in one header's tree."""
+
+
+HELLO_LIMITS = Limits(max_header_bytes=4096, max_payload_bytes=0, max_buffers=0, max_items=64)
+"""What a connection may send before it has shown a valid token: one small header, no payload."""
+
+
+@dataclass
+class Frame:
+    header: dict[str, Any]
+    value: Any
+    """``header["args"]`` with every buffer descriptor replaced by its array (or bytes)."""
+    payload_bytes: int
+
+
+# ----------------------------------------------------------------------------- encode
+class Ref:
+    """A resident object on the worker, named by its number; it travels as {"$ref": n}."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: int) -> None:
+        self.ref = ref
+
+    def __repr__(self) -> str:
+        return f"Ref({self.ref})"
+
+
+def _torch_to_numpy(value: Any) -> np.ndarray | None:
+    """A torch tensor as a numpy array (on the CPU), without importing torch when it is not in use."""
+    if type(value).__module__.split(".")[0] != "torch" or not hasattr(value, "detach"):
+        return None
+    return value.detach().cpu().numpy()
+
+
+def check_dtype(dtype: np.dtype, where: str = "array") -> None:
+    if dtype.hasobject or not _DTYPE.match(dtype.str):
+        raise TransferError(f"{where}: dtype {dtype.str!r} ({dtype}) is not allowed: {ALLOWED_DTYPES}")
+
+
+def encode_tree(value: Any, buffers: list[memoryview], ref_of: Callable[[Any], int | None] | None = None) -> Any:
+    """``value`` as a msgpack-able tree; arrays and bytes are appended to ``buffers`` (their memory, not a copy).
+
+    ``ref_of`` turns a client-side handle into its resident object number (None: not a handle)."""
+
+    def walk(item: Any, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise TransferError(f"the value nests deeper than {MAX_DEPTH} levels: not allowed")
+        if item is None or isinstance(item, bool | str | float):
+            return item
+        if isinstance(item, int):
+            if not -(1 << 63) <= item < (1 << 64):
+                raise TransferError(f"integer {item} is not allowed: -2**63..2**64-1 (use an array of objects)")
+            return item
+        if isinstance(item, Ref):
+            return {"$ref": item.ref}
+        if ref_of is not None:
+            ref = ref_of(item)
+            if ref is not None:
+                return {"$ref": ref}
+        if isinstance(item, np.generic):
+            check_dtype(item.dtype, "scalar")
+            return item.item()
+        array = item if isinstance(item, np.ndarray) else _torch_to_numpy(item)
+        if array is not None:
+            check_dtype(array.dtype)
+            if array.ndim > MAX_NDIM:
+                raise TransferError(f"array of {array.ndim} dimensions is not allowed: at most {MAX_NDIM}")
+            array = np.ascontiguousarray(array)
+            buffers.append(memoryview(array).cast("B") if array.nbytes else memoryview(b""))
+            return {"$buf": len(buffers) - 1, "dtype": array.dtype.str, "shape": list(array.shape)}
+        if isinstance(item, bytes | bytearray | memoryview):
+            buffers.append(memoryview(item).cast("B"))
+            return {"$bytes": len(buffers) - 1}
+        if isinstance(item, list | tuple):
+            return [walk(v, depth + 1) for v in item]
+        if isinstance(item, dict):
+            out = {}
+            for key, v in item.items():
+                if not isinstance(key, str) or key.startswith("$"):
+                    raise TransferError(f"dict key {key!r} is not allowed: a string not starting with '$'")
+                out[key] = walk(v, depth + 1)
+            return out
+        raise TransferError(
+            f"a value of type {type(item).__module__}.{type(item).__qualname__} cannot travel: arrays, tensors, "
+            "scalars, strings, bytes, lists, dicts and handles can (keep other results resident with keep=True)"
+        )
+
+    return walk(value, 0)
+
+
+def pack_header(header: dict[str, Any]) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def send_frame(sock: socket.socket, header: dict[str, Any], buffers: list[memoryview] | None = None) -> int:
+    """Write one frame; returns the bytes written. ``header["bufs"]`` is filled in here."""
+    buffers = buffers or []
+    header["bufs"] = [b.nbytes for b in buffers]
+    head = pack_header(header)
+    payload = sum(header["bufs"])
+    parts: list[Any] = [PREFIX.pack(MAGIC, VERSION, 0, len(head), payload), head, *buffers]
+    if isinstance(sock, ssl.SSLSocket):
+        _send_tls(sock, parts)
+    else:
+        _sendmsg_all(sock, parts)
+    return PREFIX_BYTES + len(head) + payload
+
+
+def _send_tls(sock: ssl.SSLSocket, parts: list[Any]) -> None:
+    pending: list[Any] = []
+    pending_bytes = 0
+    for part in parts:
+        size = memoryview(part).nbytes
+        if size <= SMALL_PART_BYTES:
+            pending.append(part)
+            pending_bytes += size
+            if pending_bytes < SMALL_PART_BYTES:
+                continue
+        if pending:
+            joined = b"".join(pending)
+            pending, pending_bytes = [], 0
+            sock.sendall(joined)
+        if size > SMALL_PART_BYTES:
+            sock.sendall(part)
+    if pending:
+        sock.sendall(b"".join(pending))
+
+
+def _sendmsg_all(sock: socket.socket, parts: list[Any]) -> None:
+    views = [memoryview(p).cast("B") for p in parts if memoryview(p).nbytes]
+    while views:
+        batch = views[:SENDMSG_MAX_PARTS]
+        sent = sock.sendmsg(batch)
+        # Drop what went out; a partly sent view continues from where the kernel stopped.
+        while sent and views:
+            size = views[0].nbytes
+            if sent >= size:
+                sent -= size
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+# ----------------------------------------------------------------------------- decode
+def recv_exact_into(sock: socket.socket, view: memoryview, progress: Callable[[], None] | None = None) -> None:
+    """Fill ``view`` from the socket; a stream that ends first raises ``ConnectionError``. ``progress`` is called
+    after each chunk of a large read (a long transfer is a sign of life, not a missed heartbeat)."""
+    got = 0
+    total = view.nbytes
+    while got < total:
+        n = sock.recv_into(view[got : got + RECV_CHUNK_BYTES], min(RECV_CHUNK_BYTES, total - got))
+        if n == 0:
+            raise ConnectionError(f"the stream ended after {got} of {total} bytes")
+        got += n
+        if progress is not None:
+            progress()
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise FrameError(f"msgpack extension type {code} is not allowed in a header (only plain values)")
+
+
+def unpack_header(data: bytes | bytearray | memoryview, limits: Limits) -> dict[str, Any]:
+    try:
+        header = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=_reject_ext,
+            max_array_len=limits.max_items,
+            max_map_len=limits.max_items,
+        )
+    except FrameError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
+        raise FrameError(f"the header is not valid msgpack: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if not isinstance(header, dict):
+        raise FrameError(f"the header is a {type(header).__name__}: a map is required")
+    return header
+
+
+def read_prefix(sock: socket.socket, limits: Limits) -> tuple[int, int]:
+    raw = bytearray(PREFIX_BYTES)
+    recv_exact_into(sock, memoryview(raw))
+    magic, version, flags, header_bytes, payload_bytes = PREFIX.unpack(raw)
+    if magic != MAGIC:
+        raise FrameError(f"frame magic {bytes(magic)!r} is not allowed: {MAGIC!r}")
+    if version != VERSION:
+        raise FrameError(f"frame version {version} is not allowed: {VERSION}")
+    if flags:
+        raise FrameError(f"frame flags {flags:#x} are not allowed: 0")
+    if not 0 < header_bytes <= limits.max_header_bytes:
+        raise FrameError(f"header length {header_bytes} is not allowed: 1..{limits.max_header_bytes} bytes")
+    if payload_bytes > limits.max_payload_bytes:
+        raise FrameError(f"payload length {payload_bytes} is not allowed: at most {limits.max_payload_bytes} bytes")
+    return header_bytes, payload_bytes
+
+
+def recv_frame(
+    sock: socket.socket,
+    limits: Limits,
+    progress: Callable[[], None] | None = None,
+    check: Callable[[dict[str, Any]], None] | None = None,
+) -> Frame:
+    """Read one frame. A protocol break raises ``FrameError``; a stream that ends raises ``ConnectionError``.
+    ``check`` sees the header before any payload is read or allocated (the token is checked there)."""
+    header_bytes, payload_bytes = read_prefix(sock, limits)
+    head = bytearray(header_bytes)
+    recv_exact_into(sock, memoryview(head))
+    header = unpack_header(head, limits)
+    if check is not None:
+        check(header)
+    sizes = header.get("bufs", [])
+    if not isinstance(sizes, list) or len(sizes) > limits.max_buffers:
+        raise FrameError(f"bufs={str(sizes)[:80]} is not allowed: a list of at most {limits.max_buffers} sizes")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes) or sum(sizes) != payload_bytes:
+        raise FrameError(f"bufs={str(sizes)[:80]} is not allowed: sizes >= 0 adding up to the payload {payload_bytes}")
+    slots: list[Any] = [None] * len(sizes)
+    tree = _plan(header.get("args"), sizes, slots, limits)
+    for index, target in enumerate(slots):
+        if target is None:
+            raise FrameError(f"buffer {index} is not used by any value: every buffer must be")
+        size = target.nbytes if isinstance(target, np.ndarray) else len(target)
+        if size:  # (an empty array's memory cannot even be viewed as bytes)
+            recv_exact_into(sock, memoryview(target).cast("B"), progress)
+    return Frame(header, _fill(tree, slots), payload_bytes)
+
+
+def _plan(node: Any, sizes: list[int], slots: list[Any], limits: Limits) -> Any:
+    """Check the tree and allocate the array of each buffer descriptor (nothing received yet)."""
+    count = 0
+
+    def walk(item: Any, depth: int) -> Any:
+        nonlocal count
+        count += 1
+        if count > limits.max_items or depth > MAX_DEPTH:
+            raise FrameError(f"the value tree is over {limits.max_items} items or {MAX_DEPTH} levels: not allowed")
+        if isinstance(item, list):
+            return [walk(v, depth + 1) for v in item]
+        if not isinstance(item, dict):
+            if item is None or isinstance(item, bool | int | float | str):
+                return item
+            raise FrameError(f"a {type(item).__name__} value is not allowed in the tree (use $bytes for raw bytes)")
+        if "$buf" in item:
+            return _Slot(_allocate(item, sizes, slots))
+        if "$bytes" in item:
+            index = _index(item, "$bytes", sizes, slots, {"$bytes"})
+            slots[index] = bytearray(sizes[index])
+            return _Slot(index)
+        if "$ref" in item:
+            ref = item["$ref"]
+            if set(item) != {"$ref"} or not isinstance(ref, int) or isinstance(ref, bool) or ref < 0:
+                raise FrameError(f"{str(item)[:80]} is not allowed: a handle is {{'$ref': n}} with n >= 0")
+            return Ref(ref)
+        out = {}
+        for key, value in item.items():
+            if key.startswith("$"):
+                raise FrameError(f"key {key[:40]!r} is not allowed: $buf, $bytes and $ref only")
+            out[key] = walk(value, depth + 1)
+        return out
+
+    return walk(node, 0)
+
+
+class _Slot:
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _index(item: dict[str, Any], key: str, sizes: list[int], slots: list[Any], keys: set[str]) -> int:
+    index = item[key]
+    if set(item) != keys:
+        raise FrameError(f"{str(item)[:80]} is not allowed: exactly the keys {sorted(keys)}")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(sizes):
+        raise FrameError(f"{key}={str(index)[:20]} is not allowed: a buffer index 0..{len(sizes) - 1}")
+    if slots[index] is not None:
+        raise FrameError(f"buffer {index} is used twice: each buffer belongs to one value")
+    return index
+
+
+def _allocate(item: dict[str, Any], sizes: list[int], slots: list[Any]) -> int:
+    index = _index(item, "$buf", sizes, slots, {"$buf", "dtype", "shape"})
+    dtype_text, shape = item["dtype"], item["shape"]
+    if not isinstance(dtype_text, str) or not _DTYPE.match(dtype_text):
+        raise FrameError(f"dtype={str(dtype_text)[:40]!r} is not allowed: {ALLOWED_DTYPES}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise FrameError(f"shape={str(shape)[:80]} is not allowed: a list of at most {MAX_NDIM} sizes >= 0")
+    dtype = np.dtype(dtype_text)
+    nbytes = dtype.itemsize
+    for d in shape:
+        nbytes *= d
+    if nbytes != sizes[index]:
+        raise FrameError(f"buffer {index}: dtype {dtype_text} x shape {shape} is {nbytes} bytes, the frame says "
+                         f"{sizes[index]}: they must agree")
+    slots[index] = np.empty(shape, dtype)
+    return index
+
+
+def _fill(node: Any, slots: list[Any]) -> Any:
+    if isinstance(node, _Slot):
+        return slots[node.index]
+    if isinstance(node, list):
+        return [_fill(v, slots) for v in node]
+    if isinstance(node, dict):
+        return {k: _fill(v, slots) for k, v in node.items()}
+    return node
