@@ -9,7 +9,16 @@ on every call, so a test can change it between calls), in one of two forms::
     {"0": {"4242": 1024}, "1": {}}      device index -> (pid -> MiB)
 
 A sim device cannot tell how busy it is (``utilisation_pct`` None), unless ``FLEXAI_SIM_UTILISATION_FILE``
-names a JSON file ``{"DEVICE_INDEX": PERCENT}`` (read on every call; devices it leaves out still cannot tell).
+names a JSON file that scripts it (read on every call, so a test flips it between calls; devices it leaves out
+still cannot tell), in one of two forms per device::
+
+    {"0": 75}                                               device index -> percent busy
+    {"0": {"utilisation_pct": 5, "memory_used_mib": 60000}} ... and the memory in use on it
+
+``memory_used_mib`` is the device's whole memory in use (what NVML calls *used*: every process, the pool's jobs
+included); it replaces the sum of the memory file's processes for that device, whose per-process figures stay
+what ``process_memory_mib`` answers. Either key may be left out. The pool's time-sharing tests script an owner's
+busy and idle periods and its memory growth with it.
 """
 
 from __future__ import annotations
@@ -74,7 +83,7 @@ class SimBackend(DeviceBackend):
 
     def devices(self) -> list[DeviceInfo]:
         usage = self._usage()
-        busy = self._utilisation()
+        busy, used = self._utilisation()
         return [
             DeviceInfo(
                 vendor="sim",
@@ -84,7 +93,7 @@ class SimBackend(DeviceBackend):
                 memory_mib=memory_mib,
                 healthy=True,
                 utilisation_pct=busy.get(i),  # None (cannot tell) unless the utilisation file says
-                memory_used_mib=sum(usage.get(i, {}).values()),
+                memory_used_mib=used.get(i, sum(usage.get(i, {}).values())),
             )
             for i, (model, memory_mib) in enumerate(self._devices)
         ]
@@ -99,13 +108,17 @@ class SimBackend(DeviceBackend):
         check_same_length(indices, uuids)
         return joined_visibility(self.visibility_variable, indices, "index")
 
-    def _utilisation(self) -> dict[int, float]:
-        """Device index -> percent from the utilisation file; {} when none is named."""
+    def _utilisation(self) -> tuple[dict[int, float], dict[int, int]]:
+        """(device index -> percent, device index -> MiB in use) from the utilisation file; empty when none is
+        named."""
         named = os.environ.get(UTILISATION_FILE_ENV, "")
         if not named:
-            return {}
+            return {}, {}
         where = f"{UTILISATION_FILE_ENV}={named!r}"
-        form = 'use {"DEVICE_INDEX": PERCENT} with PERCENT in 0..100'
+        form = (
+            'use {"DEVICE_INDEX": PERCENT} or {"DEVICE_INDEX": {"utilisation_pct": PERCENT, "memory_used_mib": MiB}}'
+            " with PERCENT in 0..100"
+        )
         try:
             with open(named, encoding="utf-8") as file:
                 data = json.load(file)
@@ -114,12 +127,27 @@ class SimBackend(DeviceBackend):
         if not isinstance(data, dict):
             raise DiscoveryError(f"{where} holds {type(data).__name__}, not an object: {form}")
         busy: dict[int, float] = {}
+        used: dict[int, int] = {}
         for key, value in data.items():
             index = _key(key, where, form, "device index")
+            if isinstance(value, dict):
+                unknown = sorted(set(value) - {"utilisation_pct", "memory_used_mib"})
+                if unknown:
+                    raise DiscoveryError(f"{where}: device {key} has unknown key {unknown[0]!r}: {form}")
+                memory = value.get("memory_used_mib")
+                if memory is not None:
+                    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
+                        raise DiscoveryError(
+                            f"{where}: device {key} uses {memory!r} MiB, not a whole number >= 0: {form}"
+                        )
+                    used[index] = memory
+                value = value.get("utilisation_pct")
+                if value is None:
+                    continue
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
                 raise DiscoveryError(f"{where}: device {key} is {value!r} busy: {form}")
             busy[index] = float(value)
-        return busy
+        return busy, used
 
     def _usage(self) -> dict[int, dict[int, int]]:
         """Device index -> pid -> MiB from the memory file; {} when no file is named."""
