@@ -10,6 +10,19 @@ which order, what backfills, what is preempted and what each queue may use is de
 - ``Preempt``: SIGCONT + SIGTERM to the victim's command, SIGKILL after ``preemption_grace_s``; once it has
   stopped, ``hi.requeue`` puts it back in its queue (state ``preempted``) and it starts again when it fits.
 
+Time-sharing (``flexai.hi.timeshare``, on unless ``PoolConfig.timeshare`` is off): each tick the pool tells Hi
+how busy each device is and how much memory its owners hold (``observe_devices``: the backend's utilisation and
+used memory, less what the guests use); a device that cannot tell how busy it is counts as busy and never takes
+guests. Hi's decisions for guests (``low`` jobs on share granted to others but idle) are carried out as:
+
+- ``Start(opportunistic=True)``: the job starts on the guest placement (its memory quota is the placement's),
+  recorded ``opportunistic`` so that a restarted daemon adopts it again as a guest (``hi.adopt_guest``);
+- ``pauses`` / ``resumes``: SIGSTOP / SIGCONT to every group of the guest's session but its shim's (whose guard
+  resumes them if the daemon dies); while guests may act, utilisation is read every
+  ``timeshare_observe_period_s``, so a guest stops that long (plus one loop tick) after its device got busy;
+- ``Preempt(kind="yield")`` (its owners need the memory): stopped like a victim, then queued again (state
+  ``queued``, the reason says it yielded).
+
 Time-slicing lives in ``flexai.local.slicer``, the durable state in ``flexai.local.store``.
 """
 
@@ -23,6 +36,8 @@ import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from flexai.hi import HiConfig, HiError, HiScheduler, Preempt, PriorityClass, QueueSpec, Start, WorkItem
 from flexai.local.procfs import process_group_and_session, process_start_ticks, processes_of
@@ -68,6 +83,13 @@ class PoolConfig:
     """Queues with guarantees and borrowing limits; ``default`` exists always."""
     preemption_grace_s: float = 10.0
     """A preempted job gets SIGTERM, then SIGKILL this long after if it has not ended."""
+    timeshare: bool = True
+    """``low`` jobs may run as guests on idle share granted to others (paused while the owners are busy, stopped
+    and queued again when they need the memory); only devices whose backend tells how busy they are take guests.
+    Sets ``hi.timeshare``; the thresholds are ``hi.timeshare_*``."""
+    timeshare_observe_period_s: float = 0.2
+    """How often utilisation and memory are read while time-sharing may act (a guest runs or ``low`` work
+    waits); otherwise once a second."""
 
 
 @dataclass
@@ -96,6 +118,8 @@ class _Stop:
     restart: release, then submit again) or ``submit`` (Hi does not know it)."""
     killed: bool = False
     cancel: bool = False
+    yielded: bool = False
+    """A time-sharing guest whose owners need the memory: once stopped it is ``queued`` again, not ``preempted``."""
 
 
 class Pool:
@@ -149,7 +173,8 @@ class Pool:
         self.state = ClusterState(nodes)
         self._profile_jobs = self.store.job_count()
         engine = Scheduler(self.state, create_policy(self.config.policy, PolicyContext(profile=self._profile())))
-        self.hi = HiScheduler(engine, self.config.hi, self.config.queues)
+        hi_config = dataclasses.replace(self.config.hi, timeshare=self.config.timeshare)
+        self.hi = HiScheduler(engine, hi_config, self.config.queues)
         """Decides everything; its engine owns the pool's one ledger (``self.state``)."""
         self.hi.queues.ensure(DEFAULT_QUEUE)
         self.queue_names = sorted({DEFAULT_QUEUE, *(q.name for q in self.config.queues)})
@@ -164,6 +189,9 @@ class Pool:
         self._memory_read: set[int] = set()
         """Devices whose per-process memory the last reading could tell."""
         self._utilisation_read_at = float("-inf")
+        self._owner_memory_fallback_mib: dict[int, int] = {}
+        """Per device: the owners' memory as last read (kept while a reading cannot tell; the device's whole memory
+        until one could, so that no guest starts where memory is unknown)."""
         self.utilisation_history: list[dict[str, object]] = []
         self.store.put_meta("devices", [_device_dict(d) for d in devices])
         self.recover()
@@ -330,7 +358,13 @@ class Pool:
         if self.store.job_count() - self._profile_jobs >= 50:
             self._refresh_policy()
         now = self.clock()
+        if self.hi.config.timeshare:
+            self._observe_devices()
         result = self.hi.cycle(now)
+        for job_id in result.pauses:
+            self._pause_guest(job_id, True)
+        for job_id in result.resumes:
+            self._pause_guest(job_id, False)
         for preempt in result.preemptions:
             self._preempt(preempt, now)
         for start in result.starts:
@@ -346,8 +380,13 @@ class Pool:
             if job is None or job.state not in WAITING_STATES:
                 self.hi.release(job_id)
                 continue
-            self._start(job, start.placement)
+            if start.opportunistic:
+                self._start(job, start.placement, opportunistic=True)
+            else:
+                self._start(job, start.placement)  # (the signature test doubles override)
             self.hi.started(job_id)
+        if self.hi.guests:
+            self._gate_guests()
 
     def _slices(self, placement: Placement) -> list[dict[str, object]]:
         group = self.group_devices[placement.node_index]
@@ -374,12 +413,12 @@ class Pool:
     def log_path(self, job_id: str) -> Path:
         return self.runner.paths(job_id)[0]
 
-    def _start(self, job: JobRecord, placement: Placement) -> None:
+    def _start(self, job: JobRecord, placement: Placement, opportunistic: bool = False) -> None:
         slices = self._slices(placement)
         again = job.state == "preempted"
         # Recorded before the process exists: a daemon killed right after Popen finds the job "running"
         # with its slices and adopts it through the shim's pid file instead of starting it twice.
-        self.store.update_job(job.id, state="running", slices=slices, pid=None)
+        self.store.update_job(job.id, state="running", slices=slices, pid=None, opportunistic=opportunistic)
         try:
             process = self.runner.start(job, self.job_environment(job, slices))
         except Exception as exc:  # noqa: BLE001  (OSError, or ValueError for a NUL byte: the job fails, the pool goes on)
@@ -398,7 +437,11 @@ class Pool:
         job.state = "running"
         job.slices = slices
         job.reason = "restarted after preemption" if again else ""
+        job.opportunistic = opportunistic
         where = ", ".join(f"device {s['device']} ({s['share_milli']}m)" for s in slices)
+        if opportunistic:
+            job.reason = "opportunistic: on share granted to others while they leave it idle"
+            where += f", {placement.device_memory_mib} MiB, opportunistic (paused while the owners are busy)"
         self.store.update_job(
             job.id,
             "restarted" if again else "started",
@@ -410,7 +453,7 @@ class Pool:
             slices=slices,
             started_at=time.time(),
         )
-        self._running[job.id] = Handle(job, process)
+        self._running[job.id] = Handle(job, process, whole_session=opportunistic)
 
     def _finish(self, job_id: str, state: str, reason: str, exit_code: int | None) -> None:
         handle = self._running.pop(job_id, None)
@@ -486,18 +529,21 @@ class Pool:
         handle = self._running.pop(job_id, None)
         self._job_memory_mib.pop(job_id, None)
         grace = self.config.preemption_grace_s
+        yielded = decision.kind == "yield"
+        reason = f"yielded: {decision.reason}" if yielded else decision.reason
         self.store.update_job(
             job_id,
-            "preempted",
-            f"{decision.reason}; SIGTERM now, SIGKILL after {grace:g} s (about {decision.lost_work_s:.0f} s of work "
-            "to redo)",
-            state="preempted",
-            reason=decision.reason,
+            "yielded" if yielded else "preempted",
+            f"{reason}; SIGTERM now, SIGKILL after {grace:g} s (about {decision.lost_work_s:.0f} s of work to redo)",
+            state="preempted",  # until it has stopped: a restarted daemon stops it again
+            reason=reason,
         )
         if handle is None:
             self.hi.requeue(job_id, now)
+            if yielded:
+                self.store.update_job(job_id, state="queued", opportunistic=False, pid=None, slices=None)
             return
-        stop = self._stopping[job_id] = _Stop(handle, now + grace, "requeue")
+        stop = self._stopping[job_id] = _Stop(handle, now + grace, "requeue", yielded=yielded)
         if not self.runner.terminate(handle):
             stop.killed = True
             self._kill_session(handle)
@@ -522,6 +568,18 @@ class Pool:
         if stop.cancel:
             self.hi.withdraw(job_id)
             self._cancelled(job)
+            return
+        if stop.yielded:
+            self.store.update_job(
+                job_id,
+                "requeued",
+                f"stopped after yielding to its device's owners; waits in queue {job.queue} to start again",
+                state="queued",
+                opportunistic=False,
+                pid=None,
+                pid_start_ticks=None,
+                slices=None,
+            )
             return
         self.store.update_job(
             job_id,
@@ -558,7 +616,7 @@ class Pool:
         self._memory_read = read
         self._job_memory_mib = usage
         for job_id, handle in list(self._running.items()):
-            quota = handle.record.memory_mib
+            quota = _memory_quota(handle.record)
             worst = max(usage.get(job_id, {}).items(), key=lambda kv: kv[1], default=None)
             if not quota or worst is None or worst[1] <= quota:
                 handle.over_quota_since = None
@@ -577,7 +635,8 @@ class Pool:
     # ------------------------------------------------------------------ compute
     def _read_utilisation(self) -> None:
         now = self.clock()
-        if now - self._utilisation_read_at < 1.0:
+        period = self.config.timeshare_observe_period_s if self._timesharing_may_act() else 1.0
+        if now - self._utilisation_read_at < period:
             return
         self._utilisation_read_at = now
         try:
@@ -587,13 +646,76 @@ class Pool:
         self._utilisation_pct = {d.index: d.utilisation_pct for d in found}
         self._device_memory_used_mib = {d.index: d.memory_used_mib for d in found}
 
+    def _timesharing_may_act(self) -> bool:
+        """A guest runs, or ``low`` work waits that might start as one."""
+        if not self.hi.config.timeshare:
+            return False
+        return bool(self.hi.guests) or any(i.priority_class is PriorityClass.LOW for i in self.hi.pending.values())
+
+    def _observe_devices(self) -> None:
+        """Tell Hi what the devices do (time-sharing): the owners' utilisation and the memory they hold, which is
+        the device's memory in use less the guests' (their measured use, or their quota where it cannot be read).
+        A device that cannot tell how busy it is counts as fully busy."""
+        guest_mib: dict[int, int] = {}
+        for job_id, guest in self.hi.guests.items():
+            group = self.group_devices[guest.placement.node_index]
+            for local in guest.placement.device_indices:
+                device = group[local].index
+                used = self.used_memory_mib(job_id, device) if job_id in self._running else None
+                guest_mib[device] = guest_mib.get(device, 0) + (guest.memory_mib if used is None else used)
+        shape = self.state.free_share_milli.shape
+        busy = np.ones(shape)
+        owners = np.zeros(shape, dtype=np.int64)
+        for node_index, group in enumerate(self.group_devices):
+            for local, device in enumerate(group):
+                pct = self._utilisation_pct.get(device.index)
+                busy[node_index, local] = 1.0 if pct is None else pct / 100.0
+                used = self._device_memory_used_mib.get(device.index)
+                if used is not None:
+                    self._owner_memory_fallback_mib[device.index] = max(0, used - guest_mib.get(device.index, 0))
+                owners[node_index, local] = self._owner_memory_fallback_mib.get(device.index, device.memory_mib)
+        self.hi.observe_devices(busy, owners)
+
+    def _pause_guest(self, job_id: str, pause: bool) -> None:
+        """SIGSTOP (or SIGCONT) every group of a guest's session but its shim's; the slicer leaves guests alone."""
+        handle = self._running.get(job_id)
+        if handle is None:
+            return
+        self.runner.gate(handle, not pause)
+        devices = ", ".join(str(s["device"]) for s in handle.record.slices or [])
+        busy = ", ".join(
+            f"{self._utilisation_pct.get(int(s['device'])):g} %"  # type: ignore[call-overload]
+            if self._utilisation_pct.get(int(s["device"])) is not None  # type: ignore[call-overload]
+            else "cannot tell"
+            for s in handle.record.slices or []
+        )
+        if pause:
+            self.store.event(job_id, "paused", f"device {devices} busy ({busy}): the guest is paused (SIGSTOP)")
+        else:
+            self.store.event(job_id, "resumed", f"device {devices} idle ({busy}): the guest runs again (SIGCONT)")
+
     def contended(self, device_index: int) -> bool:
         """Busy enough that co-located jobs compete for it (``flexai.local.slicer``)."""
         return self.slicer.contended(self._utilisation_pct.get(device_index))
 
     def timeslice(self) -> None:
-        """Gate jobs that share a device so that each gets its share of device time (``flexai.local.slicer``)."""
-        self.slicer.slice(self.clock(), self._running, self._utilisation_pct)
+        """Gate jobs that share a device so that each gets its share of device time (``flexai.local.slicer``);
+        time-sharing guests are not sliced: they run exactly while Hi has not paused them."""
+        guests = self.hi.guests
+        if not guests:
+            self.slicer.slice(self.clock(), self._running, self._utilisation_pct)
+            return
+        owners = {job_id: h for job_id, h in self._running.items() if job_id not in guests}
+        self.slicer.slice(self.clock(), owners, self._utilisation_pct)
+        self._gate_guests()
+
+    def _gate_guests(self) -> None:
+        """Each guest stopped exactly while Hi holds it paused (again and again until its group is known: a guest
+        paused just after it started)."""
+        for job_id, guest in self.hi.guests.items():
+            handle = self._running.get(job_id)
+            if handle is not None:
+                self.runner.gate(handle, not guest.paused)
 
     def resume_all(self) -> None:
         """Let every paused job run (after an error in the loop, nobody may stay stopped)."""
@@ -614,15 +736,22 @@ class Pool:
             if placement is None:
                 self._lost(job, "its devices are no longer in the pool")
                 continue
+            if job.opportunistic and not self.hi.config.timeshare:
+                self._stop_guest_found(job)
+                continue
             try:
-                self.hi.adopt(self._item(job), placement, self._since(job.started_at))
+                if job.opportunistic:
+                    self.hi.adopt_guest(self._item(job), placement, self._since(job.started_at))
+                else:
+                    self.hi.adopt(self._item(job), placement, self._since(job.started_at))
             except (LedgerError, HiError) as exc:
                 self._lost(job, f"cannot hold its slices again: {exc}")
                 continue
-            handle = self._running[job.id] = Handle(job, None)
+            handle = self._running[job.id] = Handle(job, None, whole_session=job.opportunistic)
             if self.runner.alive(job.pid, job.pid_start_ticks):
-                self.runner.resume(handle)  # a restart must not leave a job paused
-                self.store.event(job.id, "adopted", f"re-adopted running job (pid {job.pid})")
+                self.runner.resume(handle)  # a restart must not leave a job paused (a busy owner pauses a guest again)
+                guest = " as a time-sharing guest" if job.opportunistic else ""
+                self.store.event(job.id, "adopted", f"re-adopted running job (pid {job.pid}){guest}")
         now = self.clock()
         waiting: list[JobRecord] = []
         for job in self.store.jobs(("preempted",)):
@@ -632,16 +761,18 @@ class Pool:
                 waiting.append(job)
                 continue
             # Preempted, and the daemon died before it had stopped: hold its slices until it has.
-            handle = Handle(job, None)
+            handle = Handle(job, None, whole_session=job.opportunistic)
             placement = self._placement_of(job)
             then = "submit"
-            if placement is not None:
+            if placement is not None and not job.opportunistic:  # a guest holds nothing in the ledger
                 try:
                     self.hi.adopt(self._item(job), placement, self._since(job.started_at))
                     then = "release"
                 except (LedgerError, HiError):
                     pass
-            stop = self._stopping[job.id] = _Stop(handle, now + self.config.preemption_grace_s, then)
+            stop = self._stopping[job.id] = _Stop(
+                handle, now + self.config.preemption_grace_s, then, yielded=job.opportunistic
+            )
             if not self.runner.terminate(handle):
                 stop.killed = True
                 self._kill_session(handle)
@@ -653,6 +784,19 @@ class Pool:
             except HiError as exc:  # a record this version cannot schedule: say so, start the others
                 self._lost(job, f"cannot be scheduled again: {exc}")
         self._reap()
+
+    def _stop_guest_found(self, job: JobRecord) -> None:
+        """A guest found running by a daemon with time-sharing off: it may not stay on others' share. Stopped like
+        a victim, then queued again."""
+        reason = "yielded: time-sharing is off in this daemon"
+        self.store.update_job(job.id, "yielded", f"{reason}; stopping it", state="preempted", reason=reason)
+        handle = Handle(job, None, whole_session=True)
+        stop = self._stopping[job.id] = _Stop(
+            handle, self.clock() + self.config.preemption_grace_s, "submit", yielded=True
+        )
+        if not self.runner.terminate(handle):
+            stop.killed = True
+            self._kill_session(handle)
 
     def _lost(self, job: JobRecord, reason: str) -> None:
         self.store.update_job(job.id, "lost", reason, state="lost", reason=reason, ended_at=time.time())
@@ -676,10 +820,11 @@ class Pool:
     def _placement_of(self, job: JobRecord) -> Placement | None:
         # By UUID: indices may move when devices are re-enumerated; UUIDs do not.
         wanted = [str(s["uuid"]) for s in job.slices or []]
+        memory = _memory_quota(job)  # a guest's is its placement's (recorded in its slices)
         for node_index, group in enumerate(self.group_devices):
             local = {d.uuid: i for i, d in enumerate(group)}
             if wanted and all(w in local for w in wanted):
-                return Placement(node_index, tuple(local[w] for w in wanted), job.share_milli, job.memory_mib, 0, 0)
+                return Placement(node_index, tuple(local[w] for w in wanted), job.share_milli, memory, 0, 0)
         return None
 
     def shutdown(self) -> None:
@@ -696,7 +841,10 @@ class Pool:
             victims = ", ".join(start.after)
             return f"starting once {victims} stopped ({start.reason})"
         if job.state == "queued":
-            return self.hi.reason(job.id) or job.reason
+            waiting = self.hi.reason(job.id)
+            if job.reason.startswith("yielded") and waiting:
+                return f"{job.reason}; now {waiting}"
+            return waiting or job.reason
         if job.state == "preempted":
             if job.id in self._stopping:
                 return f"{job.reason}; stopping"
@@ -705,8 +853,10 @@ class Pool:
         return job.reason
 
     def job_view(self, job: JobRecord) -> dict[str, object]:
-        """What the API shows of a job, with the reason as of now."""
-        return {**job.public(), "reason": self.reason(job)}
+        """What the API shows of a job, with the reason as of now; a time-sharing guest is ``opportunistic`` and
+        ``paused`` while its device's owners are busy."""
+        guest = self.hi.guests.get(job.id) if job.state == "running" else None
+        return {**job.public(), "reason": self.reason(job), "paused": bool(guest is not None and guest.paused)}
 
     def queue_view(self) -> list[dict[str, object]]:
         """Per queue: guarantee, borrowing limit, use, borrowing and pending work (``hi.queue_view``)."""
@@ -738,9 +888,23 @@ class Pool:
                         "memory_mib": p.device_memory_mib,
                         "used_memory_mib": self.used_memory_mib(job_id, device.index),
                         "paused": bool(job_id in self._running and self._running[job_id].stopped_by_slicer),
+                        "opportunistic": False,
                     }
                     for job_id, p in self.state.grants.items()
                     if p.node_index == node_index and local_index in p.device_indices
+                ]
+                slices += [
+                    {
+                        "job": job_id,
+                        "name": self._name(job_id),
+                        "share_milli": guest.placement.share_milli,
+                        "memory_mib": guest.memory_mib,
+                        "used_memory_mib": self.used_memory_mib(job_id, device.index),
+                        "paused": guest.paused,
+                        "opportunistic": True,
+                    }
+                    for job_id, guest in self.hi.guests.items()
+                    if guest.placement.node_index == node_index and local_index in guest.placement.device_indices
                 ]
                 devices.append(
                     {
@@ -777,6 +941,13 @@ class Pool:
         point = {"ts": time.time(), "allocated_share_milli": allocated, "utilisation_pct": busy}
         self.utilisation_history.append(point)
         del self.utilisation_history[:-600]
+
+
+def _memory_quota(job: JobRecord) -> int:
+    """The device-memory quota a job runs under: its request's, or for a time-sharing guest its placement's."""
+    if job.opportunistic and job.slices:
+        return max(int(s["memory_mib"]) for s in job.slices)  # type: ignore[call-overload]
+    return job.memory_mib
 
 
 def _device_dict(device: DeviceInfo) -> dict[str, object]:

@@ -30,6 +30,9 @@ class Handle:
     stopped_by_slicer: bool = False
     job_group: int | None = None
     """Process group of the command (inside the shim's session); the slicer pauses this group, never the shim."""
+    whole_session: bool = False
+    """Pause every group of the session but the shim's, not only the command's (a time-sharing guest: whatever it
+    started must leave the device to its owners)."""
 
 
 class Runner:
@@ -141,22 +144,31 @@ class Runner:
 
     # ------------------------------------------------------------------ signals
     def gate(self, handle: Handle, run: bool) -> None:
-        """Pause or resume the job's command group (never its shim, which must stay free to resume it when the
-        pool dies)."""
+        """Pause or resume the job's command group, or with ``handle.whole_session`` every group of its session
+        (never its shim, which must stay free to resume them when the pool dies)."""
         if handle.record.pid is None or run == (not handle.stopped_by_slicer):
             return
         group = self.job_group(handle)
         if group is None:
             return
-        try:
-            os.killpg(group, signal.SIGCONT if run else signal.SIGSTOP)
-        except ProcessLookupError:
-            return
-        handle.stopped_by_slicer = not run
+        groups = self._session_groups(handle)[1:] if handle.whole_session else [group]
+        sig = signal.SIGCONT if run else signal.SIGSTOP
+        signalled = False
+        for target in groups:
+            try:
+                os.killpg(target, sig)
+                signalled = True
+            except (ProcessLookupError, PermissionError):
+                continue
+        if signalled:
+            handle.stopped_by_slicer = not run
 
     def resume(self, handle: Handle) -> None:
-        """SIGCONT to the shim's and the command's groups (a restarted pool must not leave a job paused)."""
-        for group in (handle.record.pid, self.job_group(handle)):
+        """SIGCONT to every group of the job's session (a restarted pool must not leave a job paused)."""
+        groups = [handle.record.pid, self.job_group(handle)]
+        if handle.record.pid is not None and self.alive(handle.record.pid, handle.record.pid_start_ticks):
+            groups = [*self._session_groups(handle)]
+        for group in groups:
             if group is None:
                 continue
             try:

@@ -9,7 +9,8 @@ the job group only, so the shim itself is never stopped and can always
 - record how the command ended (``<job>.exit``; the status survives a daemon restart), and
 - guard against a dead pool: with ``--watch``, it reads the pool owner's pid and start time from OWNER_FILE
   a few times a second, and as soon as that process is gone (however it died: ``kill -9``, a crash, SIGTERM)
-  it resumes the job group, so no job stays paused without a pool to resume it. A pool that starts again
+  it resumes the job group and every other group of its session (a time-sharing guest is paused whole), so
+  no job stays paused without a pool to resume it. A pool that starts again
   writes OWNER_FILE anew and is watched from then on.
 
 The shim ignores SIGTERM so that it can still record how the command ended; the pool cancels a job with
@@ -26,7 +27,7 @@ import signal
 import subprocess
 import sys
 
-from flexai.local.procfs import process_start_ticks, process_state
+from flexai.local.procfs import process_group_and_session, process_start_ticks, process_state, processes_of
 
 WATCH_PERIOD_S = 0.25
 """How often the shim checks that its pool is alive; a paused job resumes at most this long after it died."""
@@ -65,6 +66,19 @@ def _resume(group: int) -> None:
         pass
 
 
+def _resume_session(job_group: int) -> None:
+    """SIGCONT to the job group, then to every other group of this shim's session (never its own)."""
+    _resume(job_group)
+    me = os.getpid()
+    groups = set()
+    for pid, _ in processes_of(me):
+        ids = process_group_and_session(pid)
+        if ids is not None and ids[1] == me and ids[0] not in (me, job_group):
+            groups.add(ids[0])
+    for group in sorted(groups):
+        _resume(group)
+
+
 def _wait_watching(child: subprocess.Popen[bytes], owner_file: str | None) -> int:
     """Wait for the command; meanwhile resume its group whenever the pool owner is found dead."""
     if owner_file is None:
@@ -87,7 +101,7 @@ def _wait_watching(child: subprocess.Popen[bytes], owner_file: str | None) -> in
                     pass
             alive = owner_alive(owner_file)
             if owner_was_alive and not alive:
-                _resume(child.pid)  # the job group's id is the command's pid; not reaped yet, so not reused
+                _resume_session(child.pid)  # the job group's id is the command's pid; not reaped yet, so not reused
             owner_was_alive = alive
     finally:
         if pidfd is not None:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 JOB_STATES = ("queued", "running", "preempted", "succeeded", "failed", "cancelled", "stopped", "lost", "rejected")
 ACTIVE_STATES = ("queued", "running", "preempted")
@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     priority INTEGER NOT NULL,
     priority_class TEXT NOT NULL DEFAULT 'normal',
     queue TEXT NOT NULL DEFAULT 'default',
+    opportunistic INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL,
     reason TEXT NOT NULL DEFAULT '',
     exit_code INTEGER,
@@ -109,6 +110,9 @@ class JobRecord:
     priority_class: str = "normal"
     """``high`` (never preempted), ``normal`` (preemptible after a minimum runtime) or ``low``."""
     queue: str = "default"
+    opportunistic: bool = False
+    """Runs (or ran, or is being stopped) as a time-sharing guest on share granted to others (``flexai.hi.timeshare``):
+    paused while their owners are busy, stopped and queued again when they need the memory."""
     state: str = "queued"
     reason: str = ""
     exit_code: int | None = None
@@ -158,13 +162,17 @@ class Store:
             row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row["value"]) == 1:
+            elif int(row["value"]) in (1, 2):
                 # Version 1 had no priority classes and no queues: every job is normal, in the default queue.
+                # Version 2 had no time-sharing: no job ran as a guest.
                 columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
-                if "priority_class" not in columns:
-                    self._db.execute("ALTER TABLE jobs ADD COLUMN priority_class TEXT NOT NULL DEFAULT 'normal'")
-                if "queue" not in columns:
-                    self._db.execute("ALTER TABLE jobs ADD COLUMN queue TEXT NOT NULL DEFAULT 'default'")
+                for column, declaration in (
+                    ("priority_class", "TEXT NOT NULL DEFAULT 'normal'"),
+                    ("queue", "TEXT NOT NULL DEFAULT 'default'"),
+                    ("opportunistic", "INTEGER NOT NULL DEFAULT 0"),
+                ):
+                    if column not in columns:
+                        self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
                 self._db.execute("UPDATE meta SET value = ? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
             elif int(row["value"]) != SCHEMA_VERSION:
                 raise RuntimeError(
@@ -258,6 +266,7 @@ class Store:
         data["command"] = json.loads(data["command"])
         data["env"] = json.loads(data["env"])
         data["slices"] = json.loads(data["slices"]) if data["slices"] else None
+        data["opportunistic"] = bool(data["opportunistic"])
         return JobRecord(**data)
 
     # ------------------------------------------------------------------ events
