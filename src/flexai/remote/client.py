@@ -173,7 +173,7 @@ class Session:
     def _send(self, header: dict[str, Any], buffers: list[memoryview] | None = None) -> None:
         header["token"] = self.token
         with self._send_lock:
-            self.bytes_out += send_frame(self.sock, header, buffers)
+            self.bytes_out += send_frame(self.sock, header, buffers, self._heard)
 
     def submit(self, op: str, body: dict[str, Any], torch_out: bool = False) -> RemoteFuture:
         if self.closed:

@@ -45,6 +45,8 @@ SMALL_PART_BYTES = 64 * 1024
 SENDMSG_MAX_PARTS = 512
 """Below the kernel's IOV_MAX (1024) with room to spare."""
 RECV_CHUNK_BYTES = 4 << 20
+SEND_CHUNK_BYTES = 4 << 20
+"""Large buffers are written in chunks of this size over TLS (each a sign of life for the heartbeat check)."""
 """``recv_into`` reads a large buffer in chunks of this size (one system call per chunk)."""
 
 _DTYPE = re.compile(r"^[<>|=]?(b1|[iu][1248]|f[248]|c(8|16))$")
@@ -154,21 +156,27 @@ def pack_header(header: dict[str, Any]) -> bytes:
     return msgpack.packb(header, use_bin_type=True)
 
 
-def send_frame(sock: socket.socket, header: dict[str, Any], buffers: list[memoryview] | None = None) -> int:
-    """Write one frame; returns the bytes written. ``header["bufs"]`` is filled in here."""
+def send_frame(
+    sock: socket.socket,
+    header: dict[str, Any],
+    buffers: list[memoryview] | None = None,
+    progress: Callable[[], None] | None = None,
+) -> int:
+    """Write one frame; returns the bytes written. ``header["bufs"]`` is filled in here. ``progress`` is called
+    as large parts go out (the peer taking data is a sign of life while a long send blocks other frames)."""
     buffers = buffers or []
     header["bufs"] = [b.nbytes for b in buffers]
     head = pack_header(header)
     payload = sum(header["bufs"])
     parts: list[Any] = [PREFIX.pack(MAGIC, VERSION, 0, len(head), payload), head, *buffers]
     if isinstance(sock, ssl.SSLSocket):
-        _send_tls(sock, parts)
+        _send_tls(sock, parts, progress)
     else:
-        _sendmsg_all(sock, parts)
+        _sendmsg_all(sock, parts, progress)
     return PREFIX_BYTES + len(head) + payload
 
 
-def _send_tls(sock: ssl.SSLSocket, parts: list[Any]) -> None:
+def _send_tls(sock: ssl.SSLSocket, parts: list[Any], progress: Callable[[], None] | None) -> None:
     pending: list[Any] = []
     pending_bytes = 0
     for part in parts:
@@ -183,16 +191,22 @@ def _send_tls(sock: ssl.SSLSocket, parts: list[Any]) -> None:
             pending, pending_bytes = [], 0
             sock.sendall(joined)
         if size > SMALL_PART_BYTES:
-            sock.sendall(part)
+            view = memoryview(part).cast("B")
+            for offset in range(0, size, SEND_CHUNK_BYTES):
+                sock.sendall(view[offset : offset + SEND_CHUNK_BYTES])  # straight from the array's memory
+                if progress is not None:
+                    progress()
     if pending:
         sock.sendall(b"".join(pending))
 
 
-def _sendmsg_all(sock: socket.socket, parts: list[Any]) -> None:
+def _sendmsg_all(sock: socket.socket, parts: list[Any], progress: Callable[[], None] | None) -> None:
     views = [memoryview(p).cast("B") for p in parts if memoryview(p).nbytes]
     while views:
         batch = views[:SENDMSG_MAX_PARTS]
         sent = sock.sendmsg(batch)
+        if progress is not None:
+            progress()
         # Drop what went out; a partly sent view continues from where the kernel stopped.
         while sent and views:
             size = views[0].nbytes
