@@ -164,6 +164,10 @@ class JobView(_Open):
     priority: int
     priority_class: str
     queue: str
+    opportunistic: bool = Field(
+        False, description="Runs (or ran) as a time-sharing guest on idle share granted to others."
+    )
+    paused: bool = Field(False, description="A guest paused (SIGSTOP) while its device's owners are busy.")
     state: str = Field(description="queued, running, preempted, succeeded, failed, cancelled, stopped or lost.")
     reason: str = Field(description="Why it is in its state now (for waiting work: what it waits for).")
     exit_code: int | None
@@ -181,7 +185,8 @@ class SliceUse(_Open):
     share_milli: int
     memory_mib: int = Field(description="Device-memory quota (MiB), 0 = none.")
     used_memory_mib: int | None = Field(description="Device memory the job's processes use now; null = unknown.")
-    paused: bool = Field(description="Paused by the time-slicer at this moment.")
+    paused: bool = Field(description="Paused by the time-slicer (or, for a guest, by time-sharing) at this moment.")
+    opportunistic: bool = Field(False, description="A time-sharing guest on share granted to others.")
 
 
 class DeviceView(_Open):
