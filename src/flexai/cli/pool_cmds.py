@@ -245,6 +245,13 @@ def serve(
         Path | None,
         typer.Option("--config", help="TOML file with queues, quotas and preemption settings (see the README)."),
     ] = None,
+    timeshare: Annotated[
+        bool | None,
+        typer.Option(
+            help="Low jobs run as guests on idle share granted to others (default on, or the config file's "
+            "hi.timeshare); only devices that tell how busy they are take guests."
+        ),
+    ] = None,
 ) -> None:
     """Run the pool daemon of this machine."""
     from flexai.local.config import ConfigError, PoolSettings, load_config
@@ -305,6 +312,7 @@ def serve(
                 hi=settings.hi,
                 queues=settings.queues,
                 preemption_grace_s=settings.preemption_grace_s,
+                timeshare=settings.timeshare if timeshare is None else timeshare,
             ),
         )
     except (ValueError, RuntimeError, OSError, sqlite3.Error) as exc:
@@ -393,12 +401,15 @@ def ps(state: StateOption = None, as_json: JsonOption = False) -> None:
     table.add_column("reason")
     for j in jobs:
         slices = ", ".join(f"#{s['device']}" for s in j["slices"] or [])
+        shown_state = str(j["state"])
+        if j.get("opportunistic") and shown_state == "running":
+            shown_state = "paused (opportunistic)" if j.get("paused") else "running (opportunistic)"
         request = f"{j['device_count']} x {j['share_milli'] / 10:g}%" + (
             f", {j['memory_mib']} MiB" if j["memory_mib"] else ""
         )
         shown = j.get("priority_class", "normal") + (f":{j['priority']}" if j["priority"] else "")
         queue = [j.get("queue", "")] if with_queue else []
-        table.add_row(*map(text, (j["id"], j["name"], j["state"], shown, *queue, request, slices, j["reason"])))
+        table.add_row(*map(text, (j["id"], j["name"], shown_state, shown, *queue, request, slices, j["reason"])))
     out.print(table)
 
 
@@ -463,7 +474,9 @@ def pool(state: StateOption = None, as_json: JsonOption = False) -> None:
     for d in view["devices"]:
         slices = ", ".join(
             f"{s['name']} ({s['job']}) {s['share_milli'] / 10:g}% {_mib(s.get('used_memory_mib'))}"
-            f" / {_mib(s['memory_mib']) if s['memory_mib'] else 'no quota'}" + (" paused" if s.get("paused") else "")
+            f" / {_mib(s['memory_mib']) if s['memory_mib'] else 'no quota'}"
+            + (" opportunistic" if s.get("opportunistic") else "")
+            + (" paused" if s.get("paused") else "")
             for s in d["slices"]
         )
         busy = d.get("utilisation_pct")

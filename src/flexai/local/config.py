@@ -9,6 +9,11 @@ preemption_grace_s = 10                # a victim gets SIGTERM, this long, then 
 preemption = "fraction-aware"          # or "k8s-default", or "none" (never preempt)
 reservation = true                     # the first blocked job holds its devices (false: smaller work may
                                        # always start ahead of it: more use, but a large job may starve)
+timeshare = true                       # low jobs run as guests on idle share granted to others (only on
+                                       # devices that tell how busy they are); `serve --no-timeshare` wins
+timeshare_busy_pct = 50                # a device this busy pauses its guests and takes no new one
+timeshare_memory_headroom_pct = 5      # device memory kept free beside owners and guests
+timeshare_max_guests = 1               # guests per device
 
 [queues.a]
 weight = 1                             # fair share between queues beyond their guarantees
@@ -146,6 +151,24 @@ class HiSection(_Strict):
     preemption_grace_s: float = 10.0
     preemption: str = "fraction-aware"
     reservation: bool = True
+    timeshare: bool = True
+    timeshare_busy_pct: float = 50.0
+    timeshare_memory_headroom_pct: float = 5.0
+    timeshare_max_guests: int = 1
+
+    @field_validator("timeshare_busy_pct", "timeshare_memory_headroom_pct")
+    @classmethod
+    def _percent(cls, value: float) -> float:
+        if not math.isfinite(value) or not 0 <= value <= 100:
+            raise ValueError("a percentage in 0..100")
+        return value
+
+    @field_validator("timeshare_max_guests")
+    @classmethod
+    def _guests(cls, value: int) -> int:
+        if not 1 <= value <= 64:
+            raise ValueError("a number of guests per device in 1..64")
+        return value
 
     @field_validator("normal_min_runtime_s", "preempt_backoff_s", "preemption_delay_s", "preemption_grace_s")
     @classmethod
@@ -183,6 +206,8 @@ class PoolSettings:
     hi: HiConfig = field(default_factory=HiConfig)
     queues: tuple[QueueSpec, ...] = ()
     preemption_grace_s: float = 10.0
+    timeshare: bool = True
+    """Time-sharing of idle share in the pool (``PoolConfig.timeshare``)."""
 
     def models_named(self) -> dict[str, str]:
         """Device model named in a quota -> the key that names it (to check them against the pool's devices)."""
@@ -267,6 +292,9 @@ def parse_config(text: str) -> PoolSettings:
             preemption_delay_s=section.preemption_delay_s,
             preemption=section.preemption,
             reservation=section.reservation,
+            timeshare_busy_pct=section.timeshare_busy_pct,
+            timeshare_memory_headroom_pct=section.timeshare_memory_headroom_pct,
+            timeshare_max_guests=section.timeshare_max_guests,
         )
         queues = tuple(
             QueueSpec(
@@ -279,7 +307,9 @@ def parse_config(text: str) -> PoolSettings:
         )
     except HiError as exc:
         raise ConfigError(str(exc)) from None
-    return PoolSettings(hi=hi, queues=queues, preemption_grace_s=section.preemption_grace_s)
+    return PoolSettings(
+        hi=hi, queues=queues, preemption_grace_s=section.preemption_grace_s, timeshare=section.timeshare
+    )
 
 
 def load_config(path: Path) -> PoolSettings:
