@@ -205,8 +205,8 @@ def _sendmsg_all(sock: socket.socket, parts: list[Any], progress: Callable[[], N
     while views:
         batch = views[:SENDMSG_MAX_PARTS]
         sent = sock.sendmsg(batch)
-        if progress is not None:
-            progress()
+        if progress is not None and sent > SMALL_PART_BYTES:  # small sends land in the kernel's buffer even
+            progress()  # when the peer is frozen: only bulk data taken counts as a sign of life
         # Drop what went out; a partly sent view continues from where the kernel stopped.
         while sent and views:
             size = views[0].nbytes
