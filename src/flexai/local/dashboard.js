@@ -58,14 +58,25 @@
     );
   }
 
+  // A time-sharing guest runs on share granted to others while they leave it idle: not part of the bar (the
+  // owners fill it), shown under it.
+  function guestNode(s) {
+    const used = s.used_memory_mib === null || s.used_memory_mib === undefined ? "?" : mib(s.used_memory_mib);
+    const text = `opportunistic: ${s.name} (${s.job}), memory ${used} / ${mib(s.memory_mib)}` +
+      (s.paused ? ", paused (owners busy)" : ", running on idle share");
+    return el("div", { className: "guest" + (s.paused ? " paused" : ""), dataset: { job: s.job }, textContent: text });
+  }
+
   function deviceNode(d) {
     const busy = d.utilisation_pct === null || d.utilisation_pct === undefined ? "n/a" : d.utilisation_pct.toFixed(0) + " %";
     const memory = d.used_memory_mib === null || d.used_memory_mib === undefined ? "?" : mib(d.used_memory_mib);
+    const owners = d.slices.filter(s => !s.opportunistic);
+    const guests = d.slices.filter(s => s.opportunistic);
     return el(
       "div",
       { className: "device", dataset: { device: d.index } },
       el("div", { className: "label" }, el("b", { textContent: "#" + d.index }), ` ${d.model} · ${mib(d.memory_mib)}`),
-      el("div", { className: "bar" }, ...d.slices.map(sliceNode)),
+      el("div", { className: "slices" }, el("div", { className: "bar" }, ...owners.map(sliceNode)), ...guests.map(guestNode)),
       el(
         "div",
         { className: "stats" },
