@@ -71,12 +71,15 @@ def test_replay_end_to_end_writes_the_documented_json(tmp_path: Path) -> None:
             str(out),
             "--jobs",
             "1",
+            "--interference",
+            "0.02,0.3",
         ],
     )
     assert result.exit_code == 0, result.output
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["trace"] == "trace" and doc["gpus"] == 8
-    assert len(doc["runs"]) == 4 * 2
+    schedulers = ("k8s-default", "fgd", "flex", "hi", "hi-no-timeshare", "hi-no-defrag")
+    assert len(doc["runs"]) == len(schedulers) * 2 * 2
     keys = {
         "scheduler",
         "load",
@@ -91,20 +94,41 @@ def test_replay_end_to_end_writes_the_documented_json(tmp_path: Path) -> None:
         "preempted_over_3",
         "lost_gpu_hours",
         "wall_s",
+        # time-sharing and defragmentation (issue 8's interface)
+        "interference",
+        "migrations",
+        "migrated_pods_pct",
+        "blocked_by_fragmentation_pct",
+        "high_slowdown",
+        "opportunistic_gpu_hours",
+        "idle_unusable_for_memory_pct",
+        "multi_gpu_queue_delay_s",
     }
     for run in doc["runs"]:
         assert keys <= set(run)
         assert set(run["queue_delay_s"]) == {"high", "normal", "low"}
         assert all(set(v) == {"p50", "p99"} for v in run["queue_delay_s"].values())
-        assert 0 <= run["gpu_busy_pct"] <= run["gpu_allocated_pct"] <= 100.0001
+        assert set(run["high_slowdown"]) == set(run["multi_gpu_queue_delay_s"]) == {"p50", "p99"}
+        assert run["interference"] in (0.02, 0.3)
+        assert 0 <= run["gpu_busy_pct"] <= 100.0001 and 0 <= run["gpu_allocated_pct"] <= 100.0001
+        if run["scheduler"] not in ("hi", "hi-no-defrag"):  # only guests add busy time beyond the grants
+            assert run["gpu_busy_pct"] <= run["gpu_allocated_pct"] + 1e-6
+            assert run["opportunistic_gpu_hours"] == 0
         if run["scheduler"] in ("fgd", "flex"):
             assert run["preemptions"] == 0
-    assert {(s["scheduler"], s["load"]) for s in doc["summary"]} == {
-        (s, load) for s in ("k8s-default", "fgd", "flex", "hi") for load in (0.8, 1.2)
+        if run["scheduler"] in ("k8s-default", "fgd", "flex", "hi-no-defrag"):
+            assert run["migrations"] == 0 and run["migrated_pods_pct"] == 0
+    assert {(s["scheduler"], s["load"], s["interference"]) for s in doc["summary"]} == {
+        (s, load, alpha) for s in schedulers for load in (0.8, 1.2) for alpha in (0.02, 0.3)
     }
+    by_alpha = {(r["scheduler"], r["load"], r["interference"]): r for r in doc["runs"]}
+    for load in (0.8, 1.2):  # alpha changes no decision, only the owners' slowdown (in proportion)
+        low, high = by_alpha[("hi", load, 0.02)], by_alpha[("hi", load, 0.3)]
+        assert low["gpu_busy_pct"] == high["gpu_busy_pct"]
+        assert high["high_slowdown"]["p99"] == pytest.approx(15 * low["high_slowdown"]["p99"])
     for name in ("report.md", "gpu_over_time.png", "queue_delay.png", "results.json"):
         assert (out / name).stat().st_size > 0
-    assert "| 1.2 | hi |" in (out / "report.md").read_text()
+    assert "| 1.2 | 0.3 | hi |" in (out / "report.md").read_text()
 
 
 def test_replay_is_deterministic_per_seed(tmp_path: Path) -> None:
@@ -147,6 +171,8 @@ def test_offered_load_is_met_and_the_subcluster_keeps_the_model_mix(tmp_path: Pa
         (["--load", "fast"], "--load='fast' is not allowed"),
         (["--trace", "multigpu20"], "has no time columns"),
         (["--gpus", "0"], "gpus=0 is not allowed"),
+        (["--interference", "0.02,lots"], "--interference='0.02,lots' is not allowed"),
+        (["--interference", "-1"], "--interference='-1' is not allowed"),
     ],
 )
 def test_replay_refuses_bad_input_in_one_line(args: list[str], message: str) -> None:

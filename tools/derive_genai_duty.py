@@ -11,7 +11,7 @@ previous memory value). Pods with fewer than 120 duty samples (two hours) are le
 The trace does not name its GPU model; the largest memory in use is 47.3 GiB, so 80 GiB (A100/H800 class)
 is taken as the device size. The replay scales the fraction by each pod's share of its device.
 
-    python tools/derive_genai_duty.py PATH/TO/pod_gpu_duty_cycle_anon.tar.gz PATH/TO/pod_gpu_memory_used_bytes_anon.tar.gz
+    python tools/derive_genai_duty.py pod_gpu_duty_cycle_anon.tar.gz pod_gpu_memory_used_bytes_anon.tar.gz
 """
 
 from __future__ import annotations

@@ -29,6 +29,19 @@ def parse_loads(value: str) -> list[float]:
     return list(dict.fromkeys(loads))
 
 
+def parse_interference(value: str) -> list[float]:
+    alphas = []
+    for part in value.split(","):
+        try:
+            alpha = float(part)
+        except ValueError:
+            fail(f"--interference={value!r} is not allowed: slowdowns per co-runner like 0.02,0.3 (bad part {part!r})")
+        if not 0 <= alpha <= 10:
+            fail(f"--interference={part.strip()!r} is not allowed: a slowdown per co-runner in 0..10")
+        alphas.append(alpha)
+    return list(dict.fromkeys(alphas))
+
+
 def parse_schedulers(value: str) -> list[str]:
     from flexai.sim.replay import REPLAY_SCHEDULERS
 
@@ -52,6 +65,13 @@ def replay(
         "flexai-replay"
     ),
     jobs: Annotated[int, typer.Option(help="Worker processes (default: the CPU count).")] = 0,
+    interference: Annotated[
+        str,
+        typer.Option(
+            help="Owners' slowdown per co-running guest (time-sharing), one or more: 0.02 (good isolation), "
+            "0.3 (naive time-slicing). Each run is reported at each value."
+        ),
+    ] = "0.02",
 ) -> None:
     """Replay a production trace over time (arrivals, departures, preemptions) and compare schedulers."""
     from flexai.sim.openb import TraceFormatError, load_nodes, load_pods
@@ -61,6 +81,7 @@ def replay(
     schedulers = parse_schedulers(scheduler)
     loads = parse_loads(load)
     seed_list = parse_seeds(seeds)
+    alphas = parse_interference(interference)
     if jobs < 0:
         fail(f"--jobs={jobs!r} is not allowed: 0 (automatic) or more")
     try:
@@ -95,7 +116,7 @@ def replay(
                 task, advance=1, description=f"done: {result.scheduler} load {result.load:g} seed {result.seed}"
             )
 
-        results = run_replays(trace, nodes, schedulers, loads, seed_list, gpus, workers, done)
+        results = run_replays(trace, nodes, schedulers, loads, seed_list, gpus, workers, done, alphas)
     doc = document(pods.name, gpus, results)
     _print_table(doc)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +146,10 @@ def _print_table(doc: dict) -> None:
         "low p99",
         "preempted",
         "lost %",
+        "opport. GPU-h",
+        "high slow p99",
+        "moves",
+        "frag %",
         "wall s",
     )
     for column in columns:
@@ -133,6 +158,7 @@ def _print_table(doc: dict) -> None:
     def cell(value: dict, digits: int = 1) -> str:
         return f"{value['mean']:,.{digits}f}±{value['ci95']:,.{digits}f}"
 
+    several_alphas = len({row["interference"] for row in doc["summary"]}) > 1
     for row in doc["summary"]:
         delay = row["queue_delay_s"]
         table.add_row(
@@ -146,6 +172,10 @@ def _print_table(doc: dict) -> None:
             cell(delay["low"]["p99"], 0),
             cell(row["preemptions"], 0),
             f"{row['lost_pct_of_work_done']:.2f}",
+            cell(row["opportunistic_gpu_hours"], 0),
+            f"{row['high_slowdown']['p99']['mean']:.3f}" + (f" a={row['interference']:g}" if several_alphas else ""),
+            cell(row["migrations"], 0),
+            cell(row["blocked_by_fragmentation_pct"]),
             f"{row['wall_s']['mean']:.1f}",
         )
     out.print(table)

@@ -27,11 +27,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from flexai.hi.defrag import Move as DefragMove
+from flexai.hi.defrag import blocked_by_fragmentation, commit_moves, commit_plan, find_consolidation, find_moves
 from flexai.hi.preemption import PREEMPTION_PLUGINS, PreemptionPlugin, VictimSet
 from flexai.hi.queues import QueueBook, QueueSpec
 from flexai.hi.timeshare import Guest, TimeSharing
-from flexai.hi.work import CycleResult, HiError, Preempt, PriorityClass, Running, Start, WorkItem
+from flexai.hi.work import CycleResult, HiError, Move, Preempt, PriorityClass, Running, Start, WorkItem
 from flexai.model.cluster import Placement, Request
+from flexai.model.state import LedgerError
 from flexai.model.units import FULL_SHARE_MILLI
 from flexai.scheduler.framework import Scheduler, Status
 
@@ -69,6 +72,12 @@ class HiConfig:
     """Guests per device (each one slows the owners a little)."""
     timeshare_memory_headroom_pct: float = 5.0
     """Device memory kept free beside owners and guests."""
+    defrag_max_moves: int = 0
+    """When the head of the line is blocked by fragmentation, move at most this many preemptible items (never
+    ``high``, never gang members, none in protection) to open a hole for it; 0 = never move."""
+    consolidation_interval_s: float = 0.0
+    """Every this often, while work waits, consolidate with the same bound (empty the least-used nodes);
+    0 = never."""
 
     def __post_init__(self) -> None:
         if self.preemption != "none" and self.preemption not in PREEMPTION_PLUGINS:
@@ -82,6 +91,10 @@ class HiConfig:
             value = getattr(self, name)
             if not 0 <= value <= 100:
                 raise HiError(f"{name}={value!r} is not allowed: a percentage 0..100")
+        if not 0 <= self.defrag_max_moves <= 1000:
+            raise HiError(f"defrag_max_moves={self.defrag_max_moves!r} is not allowed: 0..1000")
+        if not 0 <= self.consolidation_interval_s < 1e12:
+            raise HiError(f"consolidation_interval_s={self.consolidation_interval_s!r} is not allowed: seconds >= 0")
         if not 1 <= self.timeshare_max_guests <= 64:
             raise HiError(f"timeshare_max_guests={self.timeshare_max_guests!r} is not allowed: 1..64")
 
@@ -180,6 +193,9 @@ class HiScheduler:
         """Per (node, preemptor class): the candidates, valid while the node is unchanged for that class."""
         self._mask_cache: tuple[int, np.ndarray] | None = None
         self._guest_items: dict[str, WorkItem] = {}
+        self._defrag_tried: tuple[str, int] | None = None
+        self._fragmentation: tuple[tuple[str, int], bool] | None = None
+        self._next_consolidation_s: float | None = None
         self.timesharing = TimeSharing(
             self.state,
             self.config.timeshare_busy_pct / 100.0,
@@ -348,10 +364,124 @@ class HiScheduler:
             placed = self._try_gang(bucket, now_s, result) if bucket.is_gang else self._try_one(bucket, now_s, result)
             if placed and key in self._buckets:
                 heapq.heappush(heap, (self._order(bucket), next(self._seq), key))
+        if self.config.defrag_max_moves:
+            self._defragment(now_s, result)
+            if self.config.consolidation_interval_s:
+                self._consolidate(now_s, result)
         if self.config.timeshare:
             self._timeshare(now_s, result)
         result.next_wakeup_s = self._next_wakeup(now_s)
         return result
+
+    def head_blocked_by_fragmentation(self) -> bool:
+        """Is the first blocked item in line (the head) blocked by fragmentation: enough free share in total
+        on devices it may use, but no node where it fits? (False without a head.)"""
+        head = self.pending.get(self._head or "")
+        if head is None:
+            return False
+        key = (head.id, self._victim_version)
+        if self._fragmentation is not None and self._fragmentation[0] == key:
+            return self._fragmentation[1]
+        request = self._restrict(head.request, self._quota_models(head))
+        blocked = request is not None and blocked_by_fragmentation(self.engine, request)
+        self._fragmentation = (key, blocked)
+        return blocked
+
+    def smallest_waiting_guest(self) -> Request | None:
+        """The smallest ``low`` request waiting that time-sharing could seat (None: no such work waits)."""
+        best: Request | None = None
+        for bucket in self._buckets.values():
+            if bucket.head.priority_class is PriorityClass.LOW and not bucket.is_gang:
+                request = bucket.request
+                if best is None or request.total_share_milli < best.total_share_milli:
+                    best = request
+        return best
+
+    # ------------------------------------------------------------------ internals: migration
+    def _movable(self, now_s: float) -> tuple[dict[str, tuple[Request, Placement]], dict[str, float]]:
+        """What may move: running ``normal`` and ``low`` items out of protection and outside gangs."""
+        movable: dict[str, tuple[Request, Placement]] = {}
+        lost: dict[str, float] = {}
+        for item_id, r in self.running.items():
+            item = r.item
+            if item.priority_class is PriorityClass.HIGH or item.gang or now_s < r.protected_until_s:
+                continue
+            movable[item_id] = (self.engine.effective(item.request), r.placement)
+            lost[item_id] = self.lost_work_s(r, now_s) * r.placement.share_milli * len(r.placement.device_indices)
+        return movable, lost
+
+    def _defragment(self, now_s: float, result: CycleResult) -> None:
+        head = self.pending.get(self._head or "")
+        if head is None or head.gang:
+            return
+        key = (head.id, self._victim_version)
+        if self._defrag_tried == key:
+            return  # nothing changed since the last search
+        self._defrag_tried = key
+        request = self._restrict(head.request, self._quota_models(head))
+        if request is None or not self.head_blocked_by_fragmentation():
+            return
+        movable, lost = self._movable(now_s)
+        if not movable:
+            return
+        plan = find_moves(self.engine, request, movable, self.config.defrag_max_moves, lost)
+        if plan is None:
+            return
+        try:
+            commit_plan(self.engine, plan, head.id, request)
+        except LedgerError:
+            return
+        self._moved(plan.moves, now_s, result, f"to open a hole for {head.label}")
+        node = self.state.nodes[plan.hole.node_index].name
+        self._start(
+            head,
+            plan.hole,
+            now_s,
+            result,
+            f"moved {len(plan.moves)} to open a hole on {node} (fragmentation)",
+            tuple(m.id for m in plan.moves),
+        )
+
+    def _consolidate(self, now_s: float, result: CycleResult) -> None:
+        if self._next_consolidation_s is None:
+            self._next_consolidation_s = now_s + self.config.consolidation_interval_s
+        if now_s < self._next_consolidation_s or not self.pending:
+            return
+        self._next_consolidation_s = now_s + self.config.consolidation_interval_s
+        movable, lost = self._movable(now_s)
+        moves = find_consolidation(self.engine, movable, self.config.defrag_max_moves, lost)
+        if not moves:
+            return
+        try:
+            commit_moves(self.engine, moves)
+        except LedgerError:
+            return
+        self._moved(moves, now_s, result, "consolidation")
+
+    def _moved(self, moves: Iterable[DefragMove], now_s: float, result: CycleResult, why: str) -> None:
+        """Hi's books follow moves already made in the ledger: the item runs on its target from now on."""
+        for move in moves:
+            running = self.running[move.id]
+            lost = self.lost_work_s(running, now_s)
+            self._running_by_node.get(move.source.node_index, {}).pop(move.id, None)
+            self._running_by_node.setdefault(move.target.node_index, {})[move.id] = running
+            old_model, new_model = running.model, self._model_of_node[move.target.node_index]
+            if old_model != new_model:
+                self.queues.add(running.item.queue, old_model, running.item.request, -1)
+                self.queues.add(running.item.queue, new_model, running.item.request, +1)
+            running.placement = move.target
+            running.model = new_model
+            running.started_s = now_s
+            # Not moved (nor preempted) again for a while: no ping-pong.
+            running.protected_until_s = max(running.protected_until_s, now_s + self.config.preempt_backoff_s)
+            self._touch(move.source.node_index)
+            self._touch(move.target.node_index)
+            self._dirty_nodes.add(move.source.node_index)
+            src = self.state.nodes[move.source.node_index].name
+            dst = self.state.nodes[move.target.node_index].name
+            result.moves.append(
+                Move(running.item, move.source, move.target, f"moved from {src} to {dst} ({why})", lost)
+            )
 
     # ------------------------------------------------------------------ internals: time-sharing
     def _timeshare(self, now_s: float, result: CycleResult) -> None:

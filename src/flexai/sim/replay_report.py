@@ -25,6 +25,11 @@ SUMMARY_METRICS = (
     "preempted_over_3",
     "lost_gpu_hours",
     "wall_s",
+    "migrations",
+    "migrated_pods_pct",
+    "blocked_by_fragmentation_pct",
+    "opportunistic_gpu_hours",
+    "idle_unusable_for_memory_pct",
 )
 
 
@@ -33,10 +38,12 @@ def _inputs(trace: str, nodes: str) -> tuple[PodTrace, NodeList]:
     return load_pods(trace), load_nodes(nodes)
 
 
-def _one(args: tuple[str, str, str, float, int, int]) -> ReplayResult:
-    trace, nodes, scheduler, load, seed, gpus = args
+def _one(args: tuple[str, str, str, float, int, int, tuple[float, ...]]) -> list[ReplayResult]:
+    """One simulation, reported at every interference alpha (alpha changes no decision, only the slowdown)."""
+    trace, nodes, scheduler, load, seed, gpus, interference = args
     pods, node_list = _inputs(trace, nodes)
-    return run_replay(pods, node_list, scheduler, load, seed, gpus)
+    result = run_replay(pods, node_list, scheduler, load, seed, gpus, interference=interference[0])
+    return [result.with_interference(alpha) for alpha in interference]
 
 
 def run_replays(
@@ -48,10 +55,13 @@ def run_replays(
     gpus: int,
     workers: int,
     done: Callable[[ReplayResult], None] | None = None,
+    interference: Sequence[float] = (0.02,),
 ) -> list[ReplayResult]:
-    """Every (scheduler, load, seed), longest first, over ``workers`` processes (1: in this process)."""
+    """Every (scheduler, load, seed), longest first, over ``workers`` processes (1: in this process); each
+    reported at every interference alpha."""
+    alphas = tuple(interference)
     tasks = [
-        (trace, nodes, s, load, seed, gpus)
+        (trace, nodes, s, load, seed, gpus, alphas)
         for load in sorted(loads, reverse=True)
         for seed in seeds
         for s in schedulers
@@ -59,7 +69,7 @@ def run_replays(
     results: list[ReplayResult] = []
     if workers <= 1 or len(tasks) == 1:
         for task in tasks:
-            results.append(_one(task))
+            results.extend(_one(task))
             if done:
                 done(results[-1])
     else:
@@ -68,11 +78,11 @@ def run_replays(
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    results.append(future.result())
+                    results.extend(future.result())
                     if done:
                         done(results[-1])
     order = {name: i for i, name in enumerate(REPLAY_SCHEDULERS)}
-    results.sort(key=lambda r: (r.load, order.get(r.scheduler, 99), r.seed))
+    results.sort(key=lambda r: (r.load, r.interference, order.get(r.scheduler, 99), r.seed))
     return results
 
 
@@ -93,17 +103,26 @@ def _interval(values: list[float]) -> dict[str, float]:
 
 
 def summarise(results: Sequence[ReplayResult]) -> list[dict[str, object]]:
-    groups: dict[tuple[str, float], list[ReplayResult]] = {}
+    groups: dict[tuple[str, float, float], list[ReplayResult]] = {}
     for r in results:
-        groups.setdefault((r.scheduler, r.load), []).append(r)
+        groups.setdefault((r.scheduler, r.load, r.interference), []).append(r)
     rows = []
-    for (scheduler, load), runs in groups.items():
-        row: dict[str, object] = {"scheduler": scheduler, "load": load, "seeds": [r.seed for r in runs]}
+    for (scheduler, load, alpha), runs in groups.items():
+        row: dict[str, object] = {
+            "scheduler": scheduler,
+            "load": load,
+            "interference": alpha,
+            "seeds": [r.seed for r in runs],
+        }
         for metric in SUMMARY_METRICS:
             row[metric] = _interval([float(getattr(r, metric)) for r in runs])
         row["queue_delay_s"] = {
             cls: {q: _interval([r.queue_delay_s[cls][q] for r in runs]) for q in ("p50", "p99")}
             for cls in runs[0].queue_delay_s
+        }
+        row["high_slowdown"] = {q: _interval([r.high_slowdown[q] for r in runs]) for q in ("p50", "p99")}
+        row["multi_gpu_queue_delay_s"] = {
+            q: _interval([r.multi_gpu_queue_delay_s[q] for r in runs]) for q in ("p50", "p99")
         }
         pods = sum(r.pods for r in runs)
         row["preempted_over_3_pct_of_pods"] = 100.0 * sum(r.preempted_over_3 for r in runs) / max(1, pods)
@@ -129,9 +148,10 @@ def markdown(doc: dict[str, object]) -> str:
         "sub-cluster's GPUs over the 34-day window. Queueing delay: first start minus arrival (pods still "
         "waiting at the end count with their wait so far).",
         "",
-        "| load | scheduler | allocated % | busy % | work done GPU-h | high p99 s | normal p99 s | low p99 s "
-        "| preemptions | lost % of work | pods preempted >3 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| load | alpha | scheduler | allocated % | busy % | work done GPU-h | high p99 s | normal p99 s | low p99 s "
+        "| preemptions | lost % of work | pods preempted >3 | opportunistic GPU-h | high slowdown p99 "
+        "| idle short of memory % | migrations | migrated % | blocked by fragmentation % | multi-GPU p99 s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(cell: dict[str, float], digits: int = 1) -> str:
@@ -140,10 +160,15 @@ def markdown(doc: dict[str, object]) -> str:
     for row in doc["summary"]:  # type: ignore[union-attr]
         delay = row["queue_delay_s"]
         lines.append(
-            f"| {row['load']:g} | {row['scheduler']} | {fmt(row['gpu_allocated_pct'])} | {fmt(row['gpu_busy_pct'])} "
+            f"| {row['load']:g} | {row['interference']:g} | {row['scheduler']} | {fmt(row['gpu_allocated_pct'])} "
+            f"| {fmt(row['gpu_busy_pct'])} "
             f"| {fmt(row['work_done_gpu_hours'], 0)} | {fmt(delay['high']['p99'], 0)} "
             f"| {fmt(delay['normal']['p99'], 0)} | {fmt(delay['low']['p99'], 0)} | {fmt(row['preemptions'], 0)} "
-            f"| {row['lost_pct_of_work_done']:.2f} | {row['preempted_over_3_pct_of_pods']:.2f} % |"
+            f"| {row['lost_pct_of_work_done']:.2f} | {row['preempted_over_3_pct_of_pods']:.2f} % "
+            f"| {fmt(row['opportunistic_gpu_hours'], 0)} | {fmt(row['high_slowdown']['p99'], 3)} "
+            f"| {fmt(row['idle_unusable_for_memory_pct'])} | {fmt(row['migrations'], 0)} "
+            f"| {fmt(row['migrated_pods_pct'], 2)} | {fmt(row['blocked_by_fragmentation_pct'])} "
+            f"| {fmt(row['multi_gpu_queue_delay_s']['p99'], 0)} |"
         )
     lines += ["", "Schedulers:", ""]
     lines += [f"- `{s.name}`: {s.description}" for s in REPLAY_SCHEDULERS.values()]
