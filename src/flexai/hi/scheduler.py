@@ -387,15 +387,10 @@ class HiScheduler:
         self._fragmentation = (key, blocked)
         return blocked
 
-    def smallest_waiting_guest(self) -> Request | None:
-        """The smallest ``low`` request waiting that time-sharing could seat (None: no such work waits)."""
-        best: Request | None = None
-        for bucket in self._buckets.values():
-            if bucket.head.priority_class is PriorityClass.LOW and not bucket.is_gang:
-                request = bucket.request
-                if best is None or request.total_share_milli < best.total_share_milli:
-                    best = request
-        return best
+    def next_waiting_guest(self) -> Request | None:
+        """The request of the first ``low`` item in line that time-sharing could seat (None: none waits)."""
+        buckets = [b for b in self._buckets.values() if b.head.priority_class is PriorityClass.LOW and not b.is_gang]
+        return min(buckets, key=self._order).request if buckets else None
 
     # ------------------------------------------------------------------ internals: migration
     def _movable(self, now_s: float) -> tuple[dict[str, tuple[Request, Placement]], dict[str, float]]:

@@ -633,13 +633,13 @@ def run_replay(  # noqa: C901  (one event loop; its parts share the run's state)
                 most[owner] = max(n, most.get(owner, 0))
             for owner, n in most.items():
                 run_list[owner].corun_s += n * max(0.0, min(now, w1) - max(begin, w0))
-        # Idle time while low work waits, and how much of it no waiting guest could use for lack of memory.
-        smallest = hi.smallest_waiting_guest()
-        if smallest is not None:
+        # Idle time while low work waits, and how much of it the next guest in line could not use for lack of memory.
+        waiting = hi.next_waiting_guest()
+        if waiting is not None:
             owned = owned_capacity & (state.free_share_milli.ravel() < state.capacity_share_milli.ravel())
             idle = np.where(owned & (guest_count == 0) & (busy < threshold), 1.0 - np.minimum(busy, 1.0), 0.0)
             headroom = device_memory_mib * spec.hi.timeshare_memory_headroom_pct / 100.0
-            need = smallest.device_memory_mib or smallest.share_milli / 1000.0 * device_memory_mib
+            need = waiting.device_memory_mib or waiting.share_milli / 1000.0 * device_memory_mib
             short = device_memory_mib - headroom - memory < need
             idle_while_low_waits_s += float(idle.sum()) * span
             idle_short_of_memory_s += float(idle[short].sum()) * span
