@@ -363,3 +363,83 @@ def test_property_commit_keeps_the_ledger_consistent(case, max_moves: int) -> No
     assert hole == plan.hole and hole.share_milli == share and len(hole.device_indices) == count
     for m in plan.moves:
         assert engine.state.grants[m.id] == m.target
+
+
+# ------------------------------------------------------------------------------------------- the static experiment
+@pytest.fixture
+def tiny_with_qos(tmp_path):  # type: ignore[no-untyped-def]
+    nodes = tmp_path / "nodes.csv"
+    nodes.write_text(
+        "sn,cpu_milli,memory_mib,gpu,model\n"
+        + "".join(f"node-{i:02d},32000,131072,{[1, 2, 4, 8][i % 4]},{['T4', 'V100M32'][i % 2]}\n" for i in range(12))
+    )
+    pods = tmp_path / "pods.csv"
+    rows = ["name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos"]
+    shapes = [
+        (1, 470, "", "BE"),
+        (1, 1000, "", "LS"),
+        (1, 810, "", "BE"),
+        (2, 1000, "", "LS"),
+        (0, 0, "", "BE"),
+        (1, 230, "T4", "LS"),
+        (1, 650, "", "Burstable"),
+        (1, 320, "", "BE"),
+        (1, 160, "", "BE"),
+    ]
+    for i in range(90):
+        count, share, spec, qos = shapes[i % len(shapes)]
+        rows.append(f"pod-{i:03d},{2000 + (i % 3) * 2000},4096,{count},{share},{spec},{qos}")
+    pods.write_text("\n".join(rows) + "\n")
+    return str(pods), str(nodes)
+
+
+def test_fill_with_migrations_never_moves_high_pods(tiny_with_qos, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import flexai.sim.experiment as experiment
+    from flexai.sim.openb import load_nodes, load_pods
+    from flexai.sim.report import document
+    from flexai.sim.runner import RunSummary
+
+    moved: list[str] = []
+    real = experiment.commit_plan
+
+    def recording(engine, plan, request_id, request):  # type: ignore[no-untyped-def]
+        moved.extend(m.request.qos for m in plan.moves)
+        return real(engine, plan, request_id, request)
+
+    monkeypatch.setattr(experiment, "commit_plan", recording)
+    pods, nodes = load_pods(tiny_with_qos[0]), load_nodes(tiny_with_qos[1])
+    total = 0
+    for seed in (1, 2, 3, 5):
+        plain = experiment.run_fill(pods, nodes, "flex", seed)
+        run = experiment.run_fill(pods, nodes, "flex", seed, migrations=4)
+        total += run.migrations
+        assert plain.migrations == 0 and plain.max_migrations == 0
+        assert run.failed_pods <= plain.failed_pods + run.unblocked_pods  # every unblocked pod was placed
+        assert run.unblocked_pods <= run.migrations <= 4 * run.unblocked_pods
+        entries = document("pods", "nodes", [RunSummary.of(plain), RunSummary.of(run)], {})["runs"]
+        assert "migrations" not in entries[0] and entries[1]["migrations"] == run.migrations  # type: ignore[index]
+    assert total > 0 and len(moved) == total
+    assert "LS" not in moved
+
+
+def test_simulate_with_migrations_end_to_end(tiny_with_qos, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from typer.testing import CliRunner
+
+    from flexai.cli.main import app
+
+    pods, nodes = tiny_with_qos
+    common = ["simulate", "--trace", pods, "--nodes", nodes, "--policy", "flex", "--seeds", "1,5", "--jobs", "1"]
+    common += ["--no-bound"]
+    runner = CliRunner()
+    moved = runner.invoke(
+        app, [*common, "--migrations", "4", "--json", str(tmp_path / "m.json"), "--out", str(tmp_path / "m")]
+    )
+    assert moved.exit_code == 0, moved.output
+    assert "moves per run" in moved.output
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert all(isinstance(r["migrations"], int) and r["max_migrations"] == 4 for r in doc["runs"])
+    assert sum(r["migrations"] for r in doc["runs"]) > 0
+    bad = runner.invoke(app, [*common, "--migrations", "-1", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "--migrations=-1 is not allowed" in " ".join(bad.output.split())

@@ -111,6 +111,10 @@ def simulate(
     out: Annotated[Path, typer.Option(help="Report folder (plot, JSON, Markdown).")] = Path("flexai-report"),
     jobs: Annotated[int, typer.Option(help="Worker processes (default: the CPU count).")] = 0,
     bound: Annotated[bool, typer.Option(help="Compute the lower bound (MILP) at arrived 100 %.")] = True,
+    migrations: Annotated[
+        int,
+        typer.Option(help="At most this many moves of placed pods per failed pod (defragmentation; never high QoS)."),
+    ] = 0,
 ) -> None:
     """Fill the cluster with a production trace, policy by policy, and report unallocated GPU."""
     from flexai.sim.openb import TraceFormatError, load_nodes, load_pods
@@ -123,6 +127,8 @@ def simulate(
         fail(f"--inflate={inflate!r} is not allowed: a factor in 0.1..10 (the paper uses 1.3)")
     if jobs < 0:
         fail(f"--jobs={jobs!r} is not allowed: 0 (automatic) or more")
+    if not 0 <= migrations <= 1000:
+        fail(f"--migrations={migrations!r} is not allowed: 0 (no moves) .. 1000 moves per failed pod")
     try:
         pods = load_pods(trace)
         node_list = load_nodes(nodes)
@@ -142,6 +148,7 @@ def simulate(
             f"trace {pods.name} ({len(pods.requests):,} pods), nodes {node_list.name} "
             f"({len(node_list.nodes):,} nodes, {sum(n.device_count for n in node_list.nodes):,} GPUs), "
             f"{len(policies)} policies x {len(seed_list)} seeds on {workers} workers"
+            + (f", at most {migrations} moves per failed pod" if migrations else "")
         )
     )
     started = time.perf_counter()
@@ -152,7 +159,9 @@ def simulate(
             progress.update(task, advance=1, description=f"done: {label}")
 
         trace_arg = trace
-        runs, bounds = run_many(trace_arg, nodes, policies, seed_list, inflate, workers, bound, done)
+        runs, bounds = run_many(
+            trace_arg, nodes, policies, seed_list, inflate, workers, bound, done, migrations=migrations
+        )
     doc = document(pods.name, node_list.name, runs, bounds)
     summaries = summarise(runs)
     _print_table(summaries, doc)
@@ -197,6 +206,11 @@ def _print_table(summaries: list, doc: dict) -> None:
                 f"+{g['extra_gpu_demand_pct']:.1f} % GPU demand placed, +{g['extra_pods']:.0f} pods"
             )
         )
+    for s in summaries:
+        if s.max_migrations:
+            console.print(
+                text(f"{s.policy}: {s.migrations_mean:.1f} moves per run (at most {s.max_migrations} per failed pod)")
+            )
     bound = doc.get("lower_bound")
     if bound:
         lb = bound["unallocated_gpu_pct_at_100"]

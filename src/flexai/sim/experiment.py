@@ -4,6 +4,10 @@ Per run and seed: shuffle the pods (after sorting by name), resample with replac
 until the GPU request is ``inflate`` x the cluster's GPU capacity, give nodes a seeded random priority
 (ties go to it), then submit the pods one at a time onto an empty cluster; nothing leaves, a pod that fits
 nowhere fails and is skipped. One seeded RNG stream drives every random choice, in that order.
+
+With ``migrations`` M > 0, a pod that fits nowhere although the devices it may use have enough free share in
+total (blocked by fragmentation) gets a second chance: at most M moves of placed pods that open a hole for it
+(``flexai.hi.defrag``); pods whose QoS maps to ``high`` are never moved. The moves are counted.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flexai.hi.defrag import blocked_by_fragmentation, commit_plan, find_moves
+from flexai.hi.work import QOS_CLASSES, PriorityClass
+from flexai.model.cluster import Placement, Request
 from flexai.model.state import ClusterState
 from flexai.scheduler import PolicyContext, Scheduler, Status, create_policy
 from flexai.scheduler.fragmentation import FragmentationModel
@@ -75,6 +82,12 @@ class RunResult:
     wall_s: float
     fragmentation_pct_at_100: float
     unallocated_gpu_pct: dict[int, float] = field(default_factory=dict)
+    max_migrations: int = 0
+    """M: moves allowed per failed pod (0: none, the paper's experiment)."""
+    migrations: int = 0
+    """Moves made in the whole run."""
+    unblocked_pods: int = 0
+    """Pods that failed first and were placed after moves."""
 
     @property
     def failed_pods(self) -> int:
@@ -110,8 +123,11 @@ def run_fill(
     seed: int,
     inflate: float = 1.3,
     progress: ProgressCallback | None = None,
+    migrations: int = 0,
 ) -> RunResult:
-    """One run of the experiment with one policy and one seed."""
+    """One run of the experiment with one policy and one seed; at most ``migrations`` moves per failed pod."""
+    if migrations < 0:
+        raise ValueError(f"migrations={migrations} is not allowed: an integer >= 0")
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     arrivals = build_arrivals(trace, nodes, seed, inflate, rng)
@@ -131,10 +147,40 @@ def run_fill(
     crossed_100_at = int(np.searchsorted(arrived, capacity, side="right"))
     requests = trace.requests
     step = max(1, count // 100)
+    movable: dict[str, tuple[Request, Placement]] = {}
+    moves_made = 0
+    unblocked = 0
+    no_plan_at: dict[tuple[object, ...], int] = {}
+    """Request shape -> ledger checkpoint at which no plan was found (nothing changed since: none now either)."""
     for event, pod in enumerate(arrivals.pod_index.tolist()):
-        result = scheduler.schedule(requests[pod], replica_id=str(event))
-        if result.status is Status.SCHEDULED:
-            demand += requests[pod].total_share_milli
+        request = requests[pod]
+        replica_id = str(event)
+        result = scheduler.schedule(request, replica_id=replica_id)
+        placement = result.placement
+        if result.status is Status.UNSCHEDULABLE and migrations and blocked_by_fragmentation(scheduler, request):
+            shape = (
+                request.device_count,
+                request.share_milli,
+                request.device_memory_mib,
+                request.allowed_models,
+                request.cpu_milli,
+                request.host_memory_mib,
+            )
+            checkpoint = state.checkpoint()
+            plan = None if no_plan_at.get(shape) == checkpoint else find_moves(scheduler, request, movable, migrations)
+            if plan is None:
+                no_plan_at[shape] = checkpoint
+            else:
+                commit_plan(scheduler, plan, replica_id, request)
+                for move in plan.moves:
+                    movable[move.id] = (move.request, move.target)
+                moves_made += len(plan.moves)
+                unblocked += 1
+                placement = plan.hole
+        if placement is not None:
+            demand += request.total_share_milli
+            if migrations and QOS_CLASSES.get(request.qos, PriorityClass.NORMAL) is not PriorityClass.HIGH:
+                movable[replica_id] = (request, placement)
         elif result.status is Status.ERROR:
             raise RuntimeError(result.reason)
         else:
@@ -155,6 +201,9 @@ def run_fill(
         failed=failed,
         wall_s=time.perf_counter() - started,
         fragmentation_pct_at_100=frag_at_100,
+        max_migrations=migrations,
+        migrations=moves_made,
+        unblocked_pods=unblocked,
     )
     result.unallocated_gpu_pct = binned_unallocated_pct(arrived, allocated, capacity, REPORT_ARRIVED_PCT)
     return result

@@ -35,6 +35,12 @@ class RunSummary:
     placed_demand_pct_at_100: float
     fragmentation_pct_at_100: float
     wall_s: float
+    max_migrations: int = 0
+    """M: moves allowed per failed pod (0: none)."""
+    migrations: int = 0
+    """Moves made in the run."""
+    unblocked_pods: int = 0
+    """Pods placed after moves (they had failed without them)."""
 
     @classmethod
     def of(cls, run: RunResult) -> RunSummary:
@@ -50,6 +56,9 @@ class RunSummary:
             placed_demand_pct_at_100=run.placed_demand_pct_at(100),
             fragmentation_pct_at_100=run.fragmentation_pct_at_100,
             wall_s=run.wall_s,
+            max_migrations=run.max_migrations,
+            migrations=run.migrations,
+            unblocked_pods=run.unblocked_pods,
         )
 
 
@@ -63,8 +72,8 @@ def _nodes(source: str) -> NodeList:
     return load_nodes(source)
 
 
-def _run_one(trace: str, nodes: str, policy: str, seed: int, inflate: float) -> RunSummary:
-    return RunSummary.of(run_fill(_trace(trace), _nodes(nodes), policy, seed, inflate))
+def _run_one(trace: str, nodes: str, policy: str, seed: int, inflate: float, migrations: int = 0) -> RunSummary:
+    return RunSummary.of(run_fill(_trace(trace), _nodes(nodes), policy, seed, inflate, migrations=migrations))
 
 
 def _bound_one(trace: str, nodes: str, seed: int, inflate: float, time_limit_s: float) -> tuple[int, BoundResult]:
@@ -93,9 +102,11 @@ def run_many(
     with_bound: bool,
     on_done: Callable[[str], None] | None = None,
     bound_time_limit_s: float = 20.0,
+    migrations: int = 0,
 ) -> tuple[list[RunSummary], dict[int, BoundResult]]:
-    """All (policy, seed) runs plus, if asked, the lower bound per seed. ``on_done`` is told after each task."""
-    tasks: list[tuple] = [("run", trace, nodes, p, s, inflate) for p in policies for s in seeds]
+    """All (policy, seed) runs plus, if asked, the lower bound per seed. ``on_done`` is told after each task.
+    ``migrations``: at most this many moves per failed pod (0: none)."""
+    tasks: list[tuple] = [("run", trace, nodes, p, s, inflate, migrations) for p in policies for s in seeds]
     if with_bound:
         tasks += [("bound", trace, nodes, s, inflate, bound_time_limit_s) for s in seeds]
     runs: list[RunSummary] = []
