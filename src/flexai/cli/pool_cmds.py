@@ -252,6 +252,24 @@ def serve(
             "hi.timeshare); only devices that tell how busy they are take guests."
         ),
     ] = None,
+    remote_listen: Annotated[
+        str | None,
+        typer.Option("--remote-listen", help="HOST:PORT to serve remote XPU leases on (TLS; needs --tls-cert/key)."),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="TLS certificate (PEM) of --remote-listen.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="TLS private key (PEM) of --remote-listen.")] = None,
+    client_ca: Annotated[
+        Path | None, typer.Option("--client-ca", help="Require remote clients to present a certificate of this CA.")
+    ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="Entry points lease workers may create objects from: a glob like mypkg.models:* (repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """Run the pool daemon of this machine."""
     from flexai.local.config import ConfigError, PoolSettings, load_config
@@ -281,7 +299,8 @@ def serve(
         if len(token) < 16:
             fail(f"--token-file={str(token_file)!r} holds a token of {len(token)} characters: at least 16 are needed")
         address = (host, int(port))
-    from flexai.local.daemon import StateInUseError, lock_state, private_umask
+    remote = _remote_settings(remote_listen, tls_cert, tls_key, client_ca, allow or [])
+    from flexai.local.daemon import RemoteListenError, StateInUseError, lock_state, private_umask
 
     # The state holds every job's environment: the daemon creates nothing that others may read.
     job_umask = private_umask()
@@ -319,7 +338,60 @@ def serve(
         fail(f"cannot open the pool state in {directory}: {exc}")
     where = f"http://{listen}" if listen else str(directory / "flexai.sock")
     out.print(text(f"flexai pool: {len(found)} {backend.name} device(s), state {directory}, API on {where}"))
-    run_server(pool, directory, address, token)
+    if remote.host:
+        allowed = ", ".join(remote.allow) or "nothing"
+        out.print(text(f"remote XPU leases on {remote_listen} (TLS), allowed: {allowed}"))
+    try:
+        run_server(pool, directory, address, token, remote)
+    except RemoteListenError as exc:
+        fail(str(exc))
+
+
+_ALLOW_PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]+:[A-Za-z0-9_.*?\[\]!-]+$")
+
+
+def _remote_settings(
+    listen: str | None, cert: Path | None, key: Path | None, client_ca: Path | None, allow: list[str]
+) -> Any:
+    """The ``--remote-listen`` group of ``serve``, checked: one clear message for the first bad value."""
+    import ssl
+
+    from flexai.local.lease import RemoteSettings
+
+    for pattern in allow:
+        if not _ALLOW_PATTERN.match(pattern):
+            fail(f"--allow={pattern!r} is not allowed: an entry-point glob MODULE:CALLABLE like mypkg.models:*")
+    if listen is None:
+        for flag, value in (("--tls-cert", cert), ("--tls-key", key), ("--client-ca", client_ca)):
+            if value is not None:
+                fail(f"{flag}={str(value)!r} is not allowed without --remote-listen: it is the remote listener's")
+        return RemoteSettings(allow=tuple(allow), ttl_s=_lease_ttl_s())
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        fail(f"--remote-listen={listen!r} is not allowed: HOST:PORT like 0.0.0.0:8471")
+    if cert is None or key is None:
+        fail("--remote-listen needs --tls-cert and --tls-key: remote clients are served over TLS only")
+    try:
+        from flexai.remote.auth import server_context
+
+        server_context(str(cert), str(key), str(client_ca) if client_ca else None)
+    except (OSError, ssl.SSLError) as exc:
+        fail(f"--tls-cert={str(cert)!r} --tls-key={str(key)!r} --client-ca={client_ca and str(client_ca)!r} cannot "
+             f"be loaded: {exc}")
+    return RemoteSettings(host.strip("[]"), int(port), str(cert), str(key), str(client_ca) if client_ca else None,
+                          tuple(allow), ttl_s=_lease_ttl_s())
+
+
+def _lease_ttl_s() -> float:
+    """A lease is freed this long after its client's last heartbeat (``FLEXAI_LEASE_TTL_S``, default 10 s)."""
+    value = os.environ.get("FLEXAI_LEASE_TTL_S", "10")
+    try:
+        ttl_s = float(value)
+    except ValueError:
+        ttl_s = -1.0
+    if not 0.5 <= ttl_s <= 86400:
+        fail(f"FLEXAI_LEASE_TTL_S={value!r} is not allowed: seconds from 0.5 to 86400")
+    return ttl_s
 
 
 @app.command(context_settings={"allow_interspersed_args": False})

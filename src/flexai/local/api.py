@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flexai import __version__
 from flexai.local.config import QUEUE_NAME
+from flexai.local.lease import LeaseManager
 from flexai.local.pool import DEFAULT_QUEUE, JobSubmission, Pool, SubmitError
 from flexai.local.store import ACTIVE_STATES, JobRecord
 
@@ -136,6 +137,19 @@ class SubmitBody(BaseModel):
         return value
 
 
+class LeaseBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    share_milli: int = Field(100, ge=1, le=1000, description="Compute share of one device (1000 = whole device).")
+    memory_mib: int = Field(0, ge=0, le=MAX_MEMORY_MIB, description="Device-memory quota (MiB); 0 = no quota.")
+    name: str = Field("", max_length=MAX_NAME_CHARS, description="Name of the lease's job; empty = lease@CLIENT.")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return _utf8(value, "name")
+
+
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -230,6 +244,24 @@ class QueueView(_Open):
     pending: int = Field(description="Jobs waiting in this queue (queued or preempted).")
 
 
+class LeaseView(_Open):
+    id: str
+    job: str
+    state: str = Field(description="queued, starting, ready or ended.")
+    reason: str
+    epoch: int
+    share_milli: int
+    memory_mib: int
+    unix: str = Field(description="The worker's unix socket, for a client on the pool's machine.")
+    tcp_port: int | None = Field(description="The pool's --remote-listen port (TLS); null = local clients only.")
+    client: str
+    calls: int
+    bytes_in: int
+    bytes_out: int
+    idle_s: float | None
+    token: str | None = Field(None, description="Only in the answer that issues it (create, new token).")
+
+
 class EventView(_Open):
     id: int
     ts: float
@@ -245,13 +277,14 @@ class UtilisationPoint(_Open):
 
 
 JobRef = Annotated[str, Path(min_length=1, max_length=MAX_NAME_CHARS, description="Job id or name.")]
+LeaseRef = Annotated[str, Path(min_length=1, max_length=MAX_NAME_CHARS, description="Lease id.")]
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     meaning = {
         400: "Refused: the message names the field, the value and what is allowed.",
         401: "Missing or wrong bearer token.",
-        404: "No such job.",
+        404: "No such job or lease.",
         413: f"Body over {MAX_BODY_BYTES} bytes.",
     }
     return {code: {"model": Problem, "description": meaning[code]} for code in codes}
@@ -325,7 +358,9 @@ async def _refused(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": _printable(jsonable_encoder(errors))}, status_code=422)
 
 
-def create_app(pool: Pool, lock: threading.RLock, token: str | None = None) -> FastAPI:
+def create_app(
+    pool: Pool, lock: threading.RLock, token: str | None = None, leases: LeaseManager | None = None
+) -> FastAPI:
     app = FastAPI(
         title="flexai pool",
         version=__version__,
@@ -357,6 +392,12 @@ def create_app(pool: Pool, lock: threading.RLock, token: str | None = None) -> F
             raise HTTPException(status_code=404, detail=f"job {ref!r} not found")
         return job
 
+    def job_view(job: JobRecord) -> JobView:
+        view = pool.job_view(job)
+        if leases is not None:
+            view = {**view, **leases.job_extra(job.id)}
+        return JobView.model_validate(view)
+
     @app.get("/api/v1/pool", dependencies=guarded, responses=_errors(*auth))
     def get_pool() -> PoolView:
         with lock:
@@ -365,7 +406,7 @@ def create_app(pool: Pool, lock: threading.RLock, token: str | None = None) -> F
     @app.get("/api/v1/jobs", dependencies=guarded, responses=_errors(*auth))
     def list_jobs() -> list[JobView]:
         with lock:
-            return [JobView.model_validate(pool.job_view(j)) for j in pool.store.jobs()]
+            return [job_view(j) for j in pool.store.jobs()]
 
     @app.post("/api/v1/jobs", status_code=201, dependencies=guarded, responses=_errors(400, 413, *auth))
     def submit(body: SubmitBody) -> JobView:
@@ -375,19 +416,71 @@ def create_app(pool: Pool, lock: threading.RLock, token: str | None = None) -> F
             except SubmitError as exc:
                 raise HTTPException(status_code=400, detail=str(exc)) from None
             pool.tick()
-            return JobView.model_validate(pool.job_view(pool.store.job(job.id) or job))
+            return job_view(pool.store.job(job.id) or job)
 
     @app.get("/api/v1/jobs/{job_id}", dependencies=guarded, responses=_errors(404, *auth))
     def get_job(job_id: JobRef) -> JobView:
         job = find(job_id)
         with lock:
-            return JobView.model_validate(pool.job_view(job))
+            return job_view(job)
 
     @app.post("/api/v1/jobs/{job_id}/cancel", dependencies=guarded, responses=_errors(404, 413, *auth))
     def cancel(job_id: JobRef) -> JobView:
         job = find(job_id)
         with lock:
-            return JobView.model_validate(pool.job_view(pool.cancel(job.id)))
+            return job_view(pool.cancel(job.id))
+
+    if leases is not None:  # remote XPU leases (flexai.local.lease)
+        def lease_manager() -> LeaseManager:
+            assert leases is not None
+            return leases
+
+        def lease_id(ref: str) -> str:
+            manager = lease_manager()
+            if ref not in manager.leases and ref not in manager._ended:
+                raise HTTPException(status_code=404, detail=f"lease {ref[:40]!r} not found")
+            return ref
+
+        @app.post("/api/v1/leases", status_code=201, dependencies=guarded, responses=_errors(400, 413, *auth))
+        def create_lease(body: LeaseBody, request: Request) -> LeaseView:
+            """Lease a slice for a remote XPU client: a worker is started in it as a job of kind ``lease``."""
+            manager = lease_manager()
+            client = f"{request.client.host}:{request.client.port}" if request.client and request.client.host else ""
+            with lock:
+                try:
+                    view = manager.create(body.share_milli, body.memory_mib, body.name, client)
+                except SubmitError as exc:
+                    raise HTTPException(status_code=400, detail=str(exc)) from None
+                pool.tick()
+                return LeaseView.model_validate(view)
+
+        @app.get("/api/v1/leases", dependencies=guarded, responses=_errors(*auth))
+        def list_leases() -> list[LeaseView]:
+            manager = lease_manager()
+            with lock:
+                return [LeaseView.model_validate(manager.view(i)) for i in list(manager.leases)]
+
+        @app.get("/api/v1/leases/{lease}", dependencies=guarded, responses=_errors(404, *auth))
+        def get_lease(lease: LeaseRef) -> LeaseView:
+            with lock:
+                return LeaseView.model_validate(lease_manager().view(lease_id(lease)))
+
+        @app.delete("/api/v1/leases/{lease}", dependencies=guarded, responses=_errors(404, *auth))
+        def end_lease(lease: LeaseRef) -> LeaseView:
+            with lock:
+                manager = lease_manager()
+                ref = lease_id(lease)
+                return LeaseView.model_validate(manager.end(ref) if ref in manager.leases else manager.view(ref))
+
+        @app.post("/api/v1/leases/{lease}/token", dependencies=guarded, responses=_errors(404, *auth))
+        def new_lease_token(lease: LeaseRef) -> LeaseView:
+            """A new token with the next epoch; every earlier token of the lease is refused from now on."""
+            with lock:
+                manager = lease_manager()
+                ref = lease_id(lease)
+                if ref not in manager.leases:
+                    raise HTTPException(status_code=404, detail=f"lease {ref!r} has ended")
+                return LeaseView.model_validate(manager.new_token(ref))
 
     @app.get("/api/v1/queues", dependencies=guarded, responses=_errors(*auth))
     def queues() -> list[QueueView]:

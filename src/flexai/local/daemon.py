@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from flexai.local.api import create_app
+from flexai.local.lease import LeaseManager, RemoteSettings
 from flexai.local.pool import Pool
 from flexai.local.shim import write_private
 
@@ -30,9 +31,10 @@ UTILISATION_PERIOD_S = 1.0
 class PoolLoop:
     """Ticks the pool (reap, memory watchdog, scheduling) and its time-slicer until stopped."""
 
-    def __init__(self, pool: Pool, lock: threading.RLock) -> None:
+    def __init__(self, pool: Pool, lock: threading.RLock, leases: LeaseManager | None = None) -> None:
         self.pool = pool
         self.lock = lock
+        self.leases = leases
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flexai-pool-loop", daemon=True)
 
@@ -49,6 +51,8 @@ class PoolLoop:
             with self.lock:
                 try:
                     self.pool.tick()
+                    if self.leases is not None:
+                        self.leases.tick()
                     self.pool.timeslice()
                     now = time.monotonic()
                     if now - last_point >= UTILISATION_PERIOD_S:
@@ -63,6 +67,10 @@ class PoolLoop:
 
 class StateInUseError(RuntimeError):
     pass
+
+
+class RemoteListenError(RuntimeError):
+    """``--remote-listen`` cannot be bound (address in use, not an address of this machine)."""
 
 
 def private_umask() -> int:
@@ -133,12 +141,26 @@ def _server(config: object) -> object:
     return Server(config)  # type: ignore[arg-type]
 
 
-def serve(pool: Pool, state_dir: Path, listen: tuple[str, int] | None, token: str | None) -> None:
+def serve(
+    pool: Pool,
+    state_dir: Path,
+    listen: tuple[str, int] | None,
+    token: str | None,
+    remote: RemoteSettings | None = None,
+) -> None:
+    """Run the daemon until a stop signal. ``remote``: serve remote XPU leases (``flexai.local.lease``)."""
     import uvicorn
 
     lock = threading.RLock()
-    loop = PoolLoop(pool, lock)
-    app = create_app(pool, lock, token if listen else None)
+    leases = LeaseManager(pool, state_dir, remote)
+    try:
+        leases.listen()
+    except OSError as exc:
+        pool.shutdown()
+        raise RemoteListenError(f"--remote-listen={remote and remote.host}:{remote and remote.port} cannot be "
+                                f"served: {exc.strerror or exc}") from None
+    loop = PoolLoop(pool, lock, leases)
+    app = create_app(pool, lock, token if listen else None, leases)
     loop.start()
     write_private(str(state_dir / "daemon.pid"), str(os.getpid()))
     try:
@@ -158,5 +180,6 @@ def serve(pool: Pool, state_dir: Path, listen: tuple[str, int] | None, token: st
             for sig in STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_IGN)
         loop.stop()
+        leases.close()
         with lock:
             pool.shutdown()

@@ -449,6 +449,7 @@ def lease(
         if answer.status_code >= 400:
             raise LeaseRefusedError(f"the pool refused the lease ({answer.status_code}): {_detail(answer)}")
         info = answer.json()
+        token = info["token"]  # only the answer that issues it carries it
         deadline = time.monotonic() + wait_s
         while info.get("state") != "ready":
             if info.get("state") in ("ended", "failed"):
@@ -457,7 +458,7 @@ def lease(
                 http.delete(f"/api/v1/leases/{info['id']}")
                 raise LeaseRefusedError(f"lease {info['id']} was not granted within {wait_s:g} s: {info.get('reason')}")
             time.sleep(0.05)
-            info = http.get(f"/api/v1/leases/{info['id']}").json()
+            info = {**http.get(f"/api/v1/leases/{info['id']}").json(), "token": token}
     except httpx.HTTPError as exc:
         http.close()
         raise LeaseRefusedError(f"cannot reach the pool at {url or 'the local socket'}: {exc}") from None

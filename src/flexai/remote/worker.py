@@ -166,6 +166,7 @@ class Connection:
         worker = self.worker
         try:
             self.sock.settimeout(HANDSHAKE_TIMEOUT_S)  # a connection that never says hello frees its place
+            worker.reload_epoch()  # a token re-issued a moment ago already counts for a new connection
             hello = recv_frame(self.sock, HELLO_LIMITS, None, worker.authorise_header)
             # Blocking from here: a timeout makes an SSL socket non-blocking underneath, and then a read racing
             # the executor's write can end early. A silent client is found by the supervisor's TTL instead.
