@@ -78,12 +78,20 @@ class HiConfig:
     consolidation_interval_s: float = 0.0
     """Every this often, while work waits, consolidate with the same bound (empty the least-used nodes);
     0 = never."""
+    defrag_retry_s: float = 60.0
+    """A head for which no moves were found is searched for again after this long (sooner if it changes)."""
 
     def __post_init__(self) -> None:
         if self.preemption != "none" and self.preemption not in PREEMPTION_PLUGINS:
             allowed = ", ".join([*PREEMPTION_PLUGINS, "none"])
             raise HiError(f"preemption={self.preemption!r} is not allowed: {allowed}")
-        for name in ("normal_min_runtime_s", "preempt_backoff_s", "gang_timeout_s", "preemption_delay_s"):
+        for name in (
+            "normal_min_runtime_s",
+            "preempt_backoff_s",
+            "gang_timeout_s",
+            "preemption_delay_s",
+            "defrag_retry_s",
+        ):
             value = getattr(self, name)
             if not 0 <= value < 1e12:
                 raise HiError(f"{name}={value!r} is not allowed: seconds >= 0")
@@ -193,7 +201,7 @@ class HiScheduler:
         """Per (node, preemptor class): the candidates, valid while the node is unchanged for that class."""
         self._mask_cache: tuple[int, np.ndarray] | None = None
         self._guest_items: dict[str, WorkItem] = {}
-        self._defrag_tried: tuple[str, int] | None = None
+        self._defrag_tried: tuple[str, int, float] | None = None
         self._fragmentation: tuple[tuple[str, int], bool] | None = None
         self._next_consolidation_s: float | None = None
         self.timesharing = TimeSharing(
@@ -409,10 +417,11 @@ class HiScheduler:
         head = self.pending.get(self._head or "")
         if head is None or head.gang:
             return
-        key = (head.id, self._victim_version)
-        if self._defrag_tried == key:
-            return  # nothing changed since the last search
-        self._defrag_tried = key
+        tried = self._defrag_tried
+        if tried is not None and tried[0] == head.id:
+            if tried[1] == self._victim_version or now_s < tried[2] + self.config.defrag_retry_s:
+                return  # nothing changed since the last search, or it was searched for a moment ago
+        self._defrag_tried = (head.id, self._victim_version, now_s)
         request = self._restrict(head.request, self._quota_models(head))
         if request is None or not self.head_blocked_by_fragmentation():
             return
@@ -480,7 +489,12 @@ class HiScheduler:
 
     # ------------------------------------------------------------------ internals: time-sharing
     def _timeshare(self, now_s: float, result: CycleResult) -> None:
+        """Guests are decided when the adapter has shown what the devices do (every tick of the pool, every
+        few minutes of the replay): between two looks nothing new is known about idle time or memory."""
         sharing = self.timesharing
+        if not sharing.fresh:
+            return
+        sharing.fresh = False
         for guest in sharing.memory_evictions():
             sharing.remove(guest.item_id)
             item = self._guest_items.pop(guest.item_id)

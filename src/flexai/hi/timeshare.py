@@ -52,6 +52,8 @@ class TimeSharing:
         self.owner_memory_mib = np.zeros(shape, dtype=np.int64)
         """Device memory the owners hold (everything but guests)."""
         self.observed = False
+        self.fresh = False
+        """An observation came in since the last cycle looked at the guests."""
         self.guest_count = np.zeros(shape, dtype=np.int64)
         self.guest_memory_mib = np.zeros(shape, dtype=np.int64)
         self.guest_cpu_milli = np.zeros(state.node_count, dtype=np.int64)
@@ -70,6 +72,7 @@ class TimeSharing:
         self.busy = busy
         self.owner_memory_mib = memory.astype(np.int64)
         self.observed = True
+        self.fresh = True
 
     # ----------------------------------------------------------------- placing guests
     def memory_need_mib(self, request: Request) -> np.ndarray:
