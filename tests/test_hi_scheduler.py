@@ -350,12 +350,23 @@ def test_never_preempt_an_equal_or_higher_class(steps) -> None:
 # Found by this property in CI: candidate victims were cached per node only, so a normal preemptor that asked
 # right after a high one got the high one's list, with normal victims of its own queue in it.
 CACHED_VICTIMS_CASE = [
-    ("submit", 100, 1, LOW, "a", 0), ("submit", 100, 2, NORMAL, "a", 0), ("release", 100, 1, LOW, "a", 0),
-    ("submit", 100, 1, LOW, "a", 0), ("submit", 100, 1, NORMAL, "a", 0), ("submit", 1000, 1, NORMAL, "b", 0),
-    ("submit", 100, 1, LOW, "a", 0), ("submit", 100, 1, LOW, "a", 0), ("submit", 100, 2, NORMAL, "a", 0),
-    ("submit", 100, 2, NORMAL, "b", 0), ("submit", 1000, 1, NORMAL, "b", 0), ("release", 100, 1, LOW, "a", 0),
-    ("submit", 100, 1, LOW, "a", 0), ("submit", 100, 1, LOW, "a", 0), ("submit", 100, 1, LOW, "a", 0),
-    ("submit", 100, 1, LOW, "a", 0), ("submit", 1000, 1, HIGH, "a", 0),
+    ("submit", 100, 1, LOW, "a", 0),
+    ("submit", 100, 2, NORMAL, "a", 0),
+    ("release", 100, 1, LOW, "a", 0),
+    ("submit", 100, 1, LOW, "a", 0),
+    ("submit", 100, 1, NORMAL, "a", 0),
+    ("submit", 1000, 1, NORMAL, "b", 0),
+    ("submit", 100, 1, LOW, "a", 0),
+    ("submit", 100, 1, LOW, "a", 0),
+    ("submit", 100, 2, NORMAL, "a", 0),
+    ("submit", 100, 2, NORMAL, "b", 0),
+    ("submit", 1000, 1, NORMAL, "b", 0),
+    ("release", 100, 1, LOW, "a", 0),
+    ("submit", 100, 1, LOW, "a", 0),
+    ("submit", 100, 1, LOW, "a", 0),
+    ("submit", 100, 1, LOW, "a", 0),
+    ("submit", 100, 1, LOW, "a", 0),
+    ("submit", 1000, 1, HIGH, "a", 0),
 ]
 
 
@@ -376,3 +387,28 @@ def test_decisions_are_deterministic(steps) -> None:
     second, _ = _drive(steps, reclaim=True, gangs=True)
     assert first.state.grants == second.state.grants
     assert first.preempt_count == second.preempt_count
+
+
+@pytest.mark.parametrize(
+    "case,waiting_class,victims",
+    [
+        ("high preempts its own queue's normal work at the limit", HIGH, 1),
+        ("normal preempts its own queue's low work at the limit", NORMAL, 1),
+        ("low never preempts for quota", LOW, 0),
+    ],
+)
+def test_an_item_at_its_queues_limit_preempts_its_own_queues_lower_work(
+    case: str, waiting_class: PriorityClass, victims: int
+) -> None:
+    """A queue at its borrowing limit does not make its higher-class work wait behind its own lower-class work
+    (kube-scheduler and Kueue preempt lower priorities within a queue); free devices are not enough."""
+    config = HiConfig(normal_min_runtime_s=0.0)
+    hi = make([("n0", 4)], config, queues=[QueueSpec("small", Quota({"*": 1000}), Quota({"*": 1000}))])
+    lower = NORMAL if waiting_class is HIGH else LOW
+    run(hi, 0.0, item("a", 1000, lower, queue="small"), item("b", 1000, lower, queue="small"))  # at its limit
+    result = run(hi, 1.0, item("top", 1000, waiting_class, t=1.0, queue="small"))
+    assert len(result.preemptions) == victims, case
+    assert all(p.victim.queue == "small" and p.victim.priority_class < waiting_class for p in result.preemptions)
+    assert ("top" in hi.running) is bool(victims), case
+    if not victims:
+        assert "waits for queue small's quota" in hi.reason("top")

@@ -316,12 +316,6 @@ def test_a_queue_over_its_borrowing_limit_waits_with_the_quota_reason() -> None:
         h.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="flexai.hi: a quota-blocked item never tries preemption (HiScheduler._try_one returns before it), so "
-    "it waits behind its own queue's lower-class work; remove this mark with the flexai.hi fix",
-)
 def test_a_high_pod_in_a_queue_at_its_limit_evicts_its_own_queues_lower_work() -> None:
     """A queue at its borrowing limit: its high pod takes the room of its own lower-class work (evicted), as
     kube-scheduler and Kueue preempt lower priorities within a queue; waiting on the quota would leave it

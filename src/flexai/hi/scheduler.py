@@ -130,6 +130,7 @@ class _Bucket:
         "request",
         "is_gang",
         "quota_blocked",
+        "quota_preempt_blocked",
         "recheck_nodes",
     )
 
@@ -145,6 +146,8 @@ class _Bucket:
         self.reason: str | tuple[object, ...] = ""
         """The reason it waits, or the arguments to write it from when somebody asks (writing costs)."""
         self.quota_blocked = False
+        self.quota_preempt_blocked: tuple[int, float] | None = None
+        """(victim version, valid until) at which its queue's own lower-class work could not make room."""
         self.recheck_nodes: set[int] | None = None
         """Unblocked because resources were freed on these nodes only: a cheap look there comes first."""
 
@@ -764,6 +767,8 @@ class HiScheduler:
         models = self._quota_models(item)
         request = self._restrict(item.request, models)
         if request is None:
+            if self._try_preempt_within_queue(bucket, item, now_s, result):
+                return True
             model = next(iter(self._models_for(item.request)), "")
             bucket.reason = f"waits for queue {item.queue}'s quota: {self.queues.describe(item.queue, model)}"
             bucket.blocked = True
@@ -799,6 +804,94 @@ class HiScheduler:
                 bucket.reason = ("resources-preempt", bucket.reason[-1])
         self._maybe_reserve(bucket, item, now_s)
         return False
+
+    def _try_preempt_within_queue(self, bucket: _Bucket, item: WorkItem, now_s: float, result: CycleResult) -> bool:
+        """The item's queue is at its limit: stop the queue's own lower-class work so that its quota and the
+        slices make room (kube-scheduler and Kueue preempt lower priorities within a queue; waiting would
+        leave the item behind work it may preempt). The victims that free the quota are the fewest, then
+        least lost work; if the item does not fit where they freed slices, the usual victim choice opens a
+        hole among the other lower-class work."""
+        if self.preemption is None or item.gang or item.priority_class is PriorityClass.LOW:
+            return False
+        blocked = bucket.quota_preempt_blocked
+        if blocked is not None and blocked[0] == self._victim_version and now_s < blocked[1]:
+            return False
+        ready_s = self._pending_since.get(item.id, now_s) + self.config.preemption_delay_s
+        if now_s < ready_s:
+            bucket.quota_preempt_blocked = (self._victim_version, ready_s)
+            return False
+        bucket.quota_preempt_blocked = (self._victim_version, self._protection_ends(now_s))
+        ancestors = self._lineage.get(item.id, frozenset())
+        own = [
+            r
+            for r in self.running.values()
+            if r.item.queue == item.queue
+            and r.item.priority_class < item.priority_class
+            and not r.item.gang
+            and now_s >= r.protected_until_s
+            and r.item.id not in ancestors
+            and item.id not in r.preempted_by
+        ]
+        if not own:
+            return False
+
+        def lost(r: Running) -> float:
+            return self.lost_work_s(r, now_s) * r.placement.share_milli * len(r.placement.device_indices)
+
+        def quota_models(victims: list[Running]) -> list[str] | None:
+            """``_quota_models`` once ``victims`` are gone."""
+            for v in victims:
+                self.queues.add(v.item.queue, v.model, v.item.request, -1)
+            try:
+                return self._quota_models(item)
+            finally:
+                for v in victims:
+                    self.queues.add(v.item.queue, v.model, v.item.request, +1)
+
+        def admitted(victims: list[Running]) -> bool:
+            models = quota_models(victims)
+            return models is None or bool(models)
+
+        own.sort(key=lambda r: (r.item.priority_class, lost(r), -r.item.request.total_share_milli))
+        chosen = next(([r] for r in own if admitted([r])), [])
+        if not chosen:
+            for r in own:
+                chosen.append(r)
+                if admitted(chosen):
+                    break
+            else:
+                return False
+        request = self._restrict(item.request, quota_models(chosen))
+        if request is None:
+            return False
+        effective = self.engine.effective(request)
+        mask = self._mask(item)
+        checkpoint = self.state.checkpoint()
+        for v in chosen:
+            self.state.unreserve(v.item.id)
+        node_mask = None if mask is None else mask.copy()
+        outcome = self.engine.schedule(request, item.id, node_mask=node_mask)
+        if outcome.status is Status.SCHEDULED and outcome.placement is not None:
+            node = outcome.placement.node_index
+            self._rollback_placements(checkpoint, [])
+            extra: tuple[Running, ...] = ()
+        else:
+            # The quota victims' slices alone leave no room: a hole among the other lower-class work too.
+            taken = {v.item.id for v in chosen}
+            candidates = [n for n in self._nodes_for(request) if mask is None or mask[n]]
+            by_node = {
+                n: members
+                for n, victims in self._eligible_victims(item, now_s, candidates).items()
+                if (members := [r for r in victims if r.item.id not in taken])
+            }
+            nodes = [n for n in candidates if n in by_node]
+            choice = self.preemption.choose(self.state, effective, nodes, by_node, lost) if nodes else None
+            self._rollback_placements(checkpoint, [])
+            if choice is None:
+                return False
+            node, extra = choice.node_index, choice.victims
+        victims = tuple(chosen) + extra
+        return self._commit_preemption(item, request, VictimSet(node, victims, 0.0, 0), now_s, result)
 
     def _maybe_reserve(self, bucket: _Bucket, item: WorkItem, now_s: float) -> None:
         if self.config.reservation and not item.gang and not bucket.quota_blocked:
@@ -976,8 +1069,9 @@ class HiScheduler:
             self._lineage[v.item.id] = frozenset(list({item.id} | self._lineage.get(item.id, frozenset()))[:64])
             lost = self.lost_work_s(v, now_s)
             result.preemptions.append(Preempt(v.item, item.id, f"preempted by {item.label} to free {freed}", lost))
-        self._touch(choice.node_index)  # its victims are gone: every class's view of the node changed
-        self._dirty_nodes.add(choice.node_index)  # share freed beyond the hole may seat others
+        for node in {choice.node_index} | {v.placement.node_index for v in choice.victims}:
+            self._touch(node)  # its victims are gone: every class's view of the node changed
+            self._dirty_nodes.add(node)  # share freed beyond the hole may seat others
         self._start(
             item,
             placement,
@@ -1019,6 +1113,8 @@ class HiScheduler:
         for bucket in self._buckets.values():
             if bucket.preempt_blocked is not None and bucket.blocked:
                 wake = min(wake, bucket.preempt_blocked[1])
+            if bucket.quota_preempt_blocked is not None and bucket.blocked:
+                wake = min(wake, bucket.quota_preempt_blocked[1])
         for deadline, _ in self._unconfirmed_gangs.values():
             wake = min(wake, deadline)
         return None if wake == INFINITY else max(wake, now_s)
