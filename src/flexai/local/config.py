@@ -14,6 +14,15 @@ timeshare = true                       # low jobs run as guests on idle share gr
 timeshare_busy_pct = 50                # a device this busy pauses its guests and takes no new one
 timeshare_memory_headroom_pct = 5      # device memory kept free beside owners and guests
 timeshare_max_guests = 1               # guests per device
+defrag_max_moves = 0                   # when the first job in line is blocked by fragmentation (enough free
+                                       # share in all, but no device or node where it fits), move at most
+                                       # this many normal/low jobs (never high ones) to open a hole for it: a
+                                       # moved job is stopped (SIGTERM, grace, SIGKILL) and started again on
+                                       # its new slice, keeping its id; 0 = never move
+consolidation_interval_s = 0           # with defrag_max_moves > 0: every this often, while work waits, move
+                                       # up to that many jobs to empty the least-used devices; 0 = never
+defrag_retry_s = 60                    # a blocked job for which no moves were found is searched again after
+                                       # this long (sooner if what runs changes)
 
 [queues.a]
 weight = 1                             # fair share between queues beyond their guarantees
@@ -155,6 +164,9 @@ class HiSection(_Strict):
     timeshare_busy_pct: float = 50.0
     timeshare_memory_headroom_pct: float = 5.0
     timeshare_max_guests: int = 1
+    defrag_max_moves: int = 0
+    consolidation_interval_s: float = 0.0
+    defrag_retry_s: float = 60.0
 
     @field_validator("timeshare_busy_pct", "timeshare_memory_headroom_pct")
     @classmethod
@@ -170,7 +182,21 @@ class HiSection(_Strict):
             raise ValueError("a number of guests per device in 1..64")
         return value
 
-    @field_validator("normal_min_runtime_s", "preempt_backoff_s", "preemption_delay_s", "preemption_grace_s")
+    @field_validator("defrag_max_moves")
+    @classmethod
+    def _moves(cls, value: int) -> int:
+        if not 0 <= value <= 1000:
+            raise ValueError("a number of moves in 0..1000 (0 = never move)")
+        return value
+
+    @field_validator(
+        "normal_min_runtime_s",
+        "preempt_backoff_s",
+        "preemption_delay_s",
+        "preemption_grace_s",
+        "consolidation_interval_s",
+        "defrag_retry_s",
+    )
     @classmethod
     def _seconds(cls, value: float) -> float:
         if not math.isfinite(value) or not 0 <= value <= 1e9:
@@ -295,6 +321,9 @@ def parse_config(text: str) -> PoolSettings:
             timeshare_busy_pct=section.timeshare_busy_pct,
             timeshare_memory_headroom_pct=section.timeshare_memory_headroom_pct,
             timeshare_max_guests=section.timeshare_max_guests,
+            defrag_max_moves=section.defrag_max_moves,
+            consolidation_interval_s=section.consolidation_interval_s,
+            defrag_retry_s=section.defrag_retry_s,
         )
         queues = tuple(
             QueueSpec(

@@ -9,6 +9,11 @@ which order, what backfills, what is preempted and what each queue may use is de
 - ``Start``: start the job's process (``flexai.local.runner``) once the victims named in ``after`` are gone;
 - ``Preempt``: SIGCONT + SIGTERM to the victim's command, SIGKILL after ``preemption_grace_s``; once it has
   stopped, ``hi.requeue`` puts it back in its queue (state ``preempted``) and it starts again when it fits.
+- ``Move`` (defragmentation, ``hi.defrag_max_moves``; Hi already holds the target for it): stopped as a victim
+  is, then started again on its target slice with the target's environment, keeping its id (event ``moved``,
+  then ``restarted``). Until then the store keeps the slices it leaves in ``moving_from`` and its target in
+  ``slices``, so a daemon killed mid-move stops what may still run on the old slice and starts the job on its
+  target. The work that waited for the hole starts once the moved jobs are gone, as after a preemption.
 
 Time-sharing (``flexai.hi.timeshare``, on unless ``PoolConfig.timeshare`` is off): each tick the pool tells Hi
 how busy each device is and how much memory its owners hold (``observe_devices``: the backend's utilisation and
@@ -39,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flexai.hi import HiConfig, HiError, HiScheduler, Preempt, PriorityClass, QueueSpec, Start, WorkItem
+from flexai.hi import HiConfig, HiError, HiScheduler, Move, Preempt, PriorityClass, QueueSpec, Start, WorkItem
 from flexai.local.procfs import process_group_and_session, process_start_ticks, processes_of
 from flexai.local.runner import Handle, Runner
 from flexai.local.shim import write_private
@@ -115,11 +120,18 @@ class _Stop:
     kill_at: float
     then: str
     """What to tell Hi once it is gone: ``requeue`` (Hi's victim), ``release`` (adopted as running after a
-    restart: release, then submit again) or ``submit`` (Hi does not know it)."""
+    restart: release, then submit again), ``submit`` (Hi does not know it) or ``move`` (start it again on
+    ``target``; Hi holds it as running there)."""
     killed: bool = False
     cancel: bool = False
     yielded: bool = False
     """A time-sharing guest whose owners need the memory: once stopped it is ``queued`` again, not ``preempted``."""
+    target: Placement | None = None
+    """With ``then == "move"``: where it starts again once stopped (Hi holds it there already)."""
+    reason: str = ""
+    """Why it moves (its reason once restarted)."""
+    hold: str | None = None
+    """An id under which its old slice is held in Hi until it has stopped (a move found by a restarted daemon)."""
 
 
 class Pool:
@@ -341,6 +353,7 @@ class Pool:
             reason=f"cancelled while {job.state}",
             pid=None,
             slices=None,
+            moving_from=None,
             ended_at=time.time(),
         )
 
@@ -367,6 +380,8 @@ class Pool:
             self._pause_guest(job_id, False)
         for preempt in result.preemptions:
             self._preempt(preempt, now)
+        for move in result.moves:
+            self._move(move, now)
         for start in result.starts:
             self._starting[start.item.id] = start
             if start.after:
@@ -413,11 +428,13 @@ class Pool:
     def log_path(self, job_id: str) -> Path:
         return self.runner.paths(job_id)[0]
 
-    def _start(self, job: JobRecord, placement: Placement, opportunistic: bool = False) -> None:
+    def _start(self, job: JobRecord, placement: Placement, opportunistic: bool = False, moved: str = "") -> None:
+        """Start the job's process on ``placement``; ``moved``: it was stopped to move there (why, as its reason)."""
         slices = self._slices(placement)
         again = job.state == "preempted"
         # Recorded before the process exists: a daemon killed right after Popen finds the job "running"
-        # with its slices and adopts it through the shim's pid file instead of starting it twice.
+        # with its slices and adopts it through the shim's pid file instead of starting it twice (a moving job
+        # keeps ``moving_from`` until its new pid is recorded: without a pid file it is started there again).
         self.store.update_job(job.id, state="running", slices=slices, pid=None, opportunistic=opportunistic)
         try:
             process = self.runner.start(job, self.job_environment(job, slices))
@@ -430,6 +447,7 @@ class Pool:
                 state="failed",
                 reason=f"could not start: {exc}",
                 slices=None,
+                moving_from=None,
                 ended_at=time.time(),
             )
             return
@@ -442,15 +460,23 @@ class Pool:
         if opportunistic:
             job.reason = "opportunistic: on share granted to others while they leave it idle"
             where += f", {placement.device_memory_mib} MiB, opportunistic (paused while the owners are busy)"
+        if moved:
+            job.reason = moved
+            event = "restarted", f"restarted on {where} after the move"
+        elif again:
+            event = "restarted", f"restarted after preemption on {where}"
+        else:
+            event = "started", f"started on {where}"
+        job.moving_from = None
         self.store.update_job(
             job.id,
-            "restarted" if again else "started",
-            ("restarted after preemption on " if again else "started on ") + where,
+            *event,
             state="running",
             reason=job.reason,
             pid=job.pid,
             pid_start_ticks=job.pid_start_ticks,
             slices=slices,
+            moving_from=None,
             started_at=time.time(),
         )
         self._running[job.id] = Handle(job, process, whole_session=opportunistic)
@@ -520,7 +546,18 @@ class Pool:
     def _preempt(self, decision: Preempt, now: float) -> None:
         job_id = decision.victim.id
         stop = self._stopping.get(job_id)
-        if stop is not None:  # already stopping (found so after a restart): Hi holds it as its victim now
+        if stop is not None:  # already stopping (moving, or found so after a restart): Hi's victim now
+            if stop.then == "move":
+                job = stop.handle.record
+                self.store.update_job(
+                    job_id,
+                    "preempted",
+                    f"{decision.reason} while it was moving; it stops and waits in its queue",
+                    state="preempted",
+                    reason=decision.reason,
+                    slices=job.moving_from or job.slices,  # where its process still runs
+                    moving_from=None,
+                )
             stop.then = "requeue"
             return
         if self._starting.pop(job_id, None) is not None:
@@ -554,6 +591,11 @@ class Pool:
         now = self.clock()
         job = self.store.job(job_id)
         assert job is not None
+        if stop.hold is not None:
+            self.hi.release(stop.hold)  # the old slice of a move is free now
+        if stop.then == "move":
+            self._moved(job, stop)
+            return
         if stop.then == "requeue":
             self.hi.requeue(job_id, now)
         else:
@@ -589,7 +631,115 @@ class Pool:
             pid=None,
             pid_start_ticks=None,
             slices=None,
+            moving_from=None,
         )
+
+    # ------------------------------------------------------------------ moves
+    def _move(self, decision: Move, now: float) -> None:
+        """Carry out a move Hi decided (its target already held): stop the job as a victim is stopped, then
+        (``_moved``) start it again on the target."""
+        job_id = decision.item.id
+        reason = self._move_reason(decision)
+        start = self._starting.get(job_id)
+        if start is not None:  # decided, not started yet (its own victims are stopping): it starts on the target
+            self._starting[job_id] = dataclasses.replace(start, placement=decision.target)
+            self.store.event(job_id, "moved", f"{reason}, before it started")
+            return
+        stop = self._stopping.get(job_id)
+        if stop is not None:  # stopping already: released (or started on the target) once it has stopped
+            if stop.then == "move":
+                stop.target, stop.reason = decision.target, reason
+                self.store.update_job(job_id, "moved", reason, reason=reason, slices=self._slices(decision.target))
+            return
+        handle = self._running.pop(job_id, None)
+        self._job_memory_mib.pop(job_id, None)
+        if handle is None:  # no process (cannot happen while Hi holds it as running): it starts on the target
+            record = self.store.job(job_id)
+            if record is None:
+                self.hi.release(job_id)
+                return
+            handle = Handle(record, None)
+        grace = self.config.preemption_grace_s
+        source = handle.record.slices or self._slices(decision.source)
+        handle.record.moving_from = source
+        self.store.update_job(
+            job_id,
+            "moved",
+            f"{reason}; SIGTERM now, SIGKILL after {grace:g} s, then it starts there "
+            f"(about {decision.lost_work_s:.0f} s of work to redo)",
+            reason=reason,
+            slices=self._slices(decision.target),
+            moving_from=source,
+        )
+        stop = self._stopping[job_id] = _Stop(handle, now + grace, "move", target=decision.target, reason=reason)
+        if not self.runner.terminate(handle):
+            stop.killed = True
+            self._kill_session(handle)
+
+    def _move_reason(self, decision: Move) -> str:
+        """ "moved from device 0 to device 1 to open a hole for NAME (ID)", from Hi's reason (which names nodes)."""
+        source = self._slices(decision.source)
+        target = self._slices(decision.target)
+        src = ", ".join(str(s["device"]) for s in source)
+        dst = ", ".join(str(s["device"]) for s in target)
+        nodes = self.state.nodes
+        prefix = f"moved from {nodes[decision.source.node_index].name} to {nodes[decision.target.node_index].name} ("
+        why = decision.reason
+        if why.startswith(prefix) and why.endswith(")"):
+            why = why[len(prefix) : -1]
+        plural = "s" if len(source) > 1 else ""
+        return f"moved from device{plural} {src} to device{plural} {dst} " + (
+            why if why.startswith("to ") else f"({why})"
+        )
+
+    def _moved(self, job: JobRecord, stop: _Stop) -> None:
+        """A moving job has stopped: start it again on its target (Hi holds it running there), or let it go."""
+        self.runner.paths(job.id)[1].unlink(missing_ok=True)  # the stopped run's exit status means nothing
+        self.runner.pid_file(job.id).unlink(missing_ok=True)  # nor its pid: a restart must not adopt it
+        if stop.cancel:
+            self.hi.release(job.id)
+            self._cancelled(job)
+            return
+        assert stop.target is not None
+        self.store.update_job(job.id, pid=None, pid_start_ticks=None)
+        self._start(job, stop.target, moved=stop.reason or job.reason)
+
+    def _recover_move(self, job: JobRecord) -> None:
+        """A job the daemon was moving when it died: held on its target (``slices``); what may still run on its old
+        slice (``moving_from``) is stopped first, that slice held meanwhile; then it starts on the target."""
+        now = self.clock()
+        target = self._placement_of(job)
+        then = "move"
+        try:
+            if target is None:
+                raise HiError("its target devices are no longer in the pool")
+            self.hi.adopt(self._item(job), target, self._since(job.started_at))
+        except (LedgerError, HiError):
+            then = "submit"  # queued again once stopped
+        handle = Handle(job, None)
+        stop = self._stopping[job.id] = _Stop(handle, now + self.config.preemption_grace_s, then, target=target)
+        stop.reason = job.reason
+        if not self.runner.alive(job.pid, job.pid_start_ticks):
+            return  # started on its target by the next reap
+        source = self._placement_of(dataclasses.replace(job, slices=job.moving_from))
+        if source is not None:
+            hold = f"{job.id}~leaving"
+            held = WorkItem(
+                id=hold,
+                request=self._request(job),
+                priority_class=PriorityClass.HIGH,  # neither preempted nor moved: it only holds the old slice
+                queue=job.queue,
+                name=f"{job.name} ({job.id}) leaving its old slice",
+            )
+            try:
+                self.hi.adopt(held, source, now)
+                stop.hold = hold
+            except (LedgerError, HiError):
+                pass
+        if not self.runner.terminate(handle):
+            stop.killed = True
+            self._kill_session(handle)
+        self.store.event(job.id, "adopted", f"moving job still on its old slice (pid {job.pid}): stopping it again")
 
     # ------------------------------------------------------------------ memory
     def _watch_memory(self) -> None:
@@ -727,6 +877,14 @@ class Pool:
         mark the rest lost; go on stopping preempted jobs still alive; give Hi every queued and preempted job
         again with its original submit time. The ledger is rebuilt so that no slice is granted twice."""
         for job in self.store.jobs(("running",)):
+            if job.moving_from is not None:
+                found = self.runner.adopt_pid(job.id) if job.pid is None else None
+                if found is None:  # its old process (if it lives) runs on the slices it leaves
+                    self._recover_move(job)
+                    continue
+                # It had started on its target, its pid not yet recorded: adopt it there.
+                job.pid, job.pid_start_ticks, job.moving_from = found[0], found[1], None
+                self.store.update_job(job.id, pid=found[0], pid_start_ticks=found[1], moving_from=None)
             if job.pid is None:
                 adopted = self._adopt_unrecorded_start(job)
                 if adopted is None:
@@ -840,6 +998,9 @@ class Pool:
         if start is not None:
             victims = ", ".join(start.after)
             return f"starting once {victims} stopped ({start.reason})"
+        stop = self._stopping.get(job.id)
+        if stop is not None and stop.then == "move":
+            return f"{stop.reason or job.reason}; stopping, then it starts there"
         if job.state == "queued":
             waiting = self.hi.reason(job.id)
             if job.reason.startswith("yielded") and waiting:

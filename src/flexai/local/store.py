@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 JOB_STATES = ("queued", "running", "preempted", "succeeded", "failed", "cancelled", "stopped", "lost", "rejected")
 ACTIVE_STATES = ("queued", "running", "preempted")
@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     priority_class TEXT NOT NULL DEFAULT 'normal',
     queue TEXT NOT NULL DEFAULT 'default',
     opportunistic INTEGER NOT NULL DEFAULT 0,
+    moving_from TEXT,
     state TEXT NOT NULL,
     reason TEXT NOT NULL DEFAULT '',
     exit_code INTEGER,
@@ -113,6 +114,9 @@ class JobRecord:
     opportunistic: bool = False
     """Runs (or ran, or is being stopped) as a time-sharing guest on share granted to others (``flexai.hi.timeshare``):
     paused while their owners are busy, stopped and queued again when they need the memory."""
+    moving_from: list[dict[str, object]] | None = None
+    """Set while the job moves (defragmentation): the slices it leaves, where the process recorded by ``pid`` (if
+    any) still runs; ``slices`` are where it belongs and starts again once that process has stopped."""
     state: str = "queued"
     reason: str = ""
     exit_code: int | None = None
@@ -162,14 +166,15 @@ class Store:
             row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row["value"]) in (1, 2):
+            elif int(row["value"]) in (1, 2, 3):
                 # Version 1 had no priority classes and no queues: every job is normal, in the default queue.
-                # Version 2 had no time-sharing: no job ran as a guest.
+                # Version 2 had no time-sharing: no job ran as a guest. Version 3 had no moves: none was moving.
                 columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
                 for column, declaration in (
                     ("priority_class", "TEXT NOT NULL DEFAULT 'normal'"),
                     ("queue", "TEXT NOT NULL DEFAULT 'default'"),
                     ("opportunistic", "INTEGER NOT NULL DEFAULT 0"),
+                    ("moving_from", "TEXT"),
                 ):
                     if column not in columns:
                         self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
@@ -227,7 +232,8 @@ class Store:
         if not fields:
             return
         encoded = {
-            k: json.dumps(v) if k in ("slices", "command", "env") and v is not None else v for k, v in fields.items()
+            k: json.dumps(v) if k in ("slices", "command", "env", "moving_from") and v is not None else v
+            for k, v in fields.items()
         }
         assignments = ", ".join(f"{k} = ?" for k in encoded)
         with self.tx() as db:
@@ -266,6 +272,7 @@ class Store:
         data["command"] = json.loads(data["command"])
         data["env"] = json.loads(data["env"])
         data["slices"] = json.loads(data["slices"]) if data["slices"] else None
+        data["moving_from"] = json.loads(data["moving_from"]) if data["moving_from"] else None
         data["opportunistic"] = bool(data["opportunistic"])
         return JobRecord(**data)
 
