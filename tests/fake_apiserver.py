@@ -27,6 +27,8 @@ class FakeApiServer:
         self.nodes: dict[str, dict] = {}
         self.pods: dict[str, dict] = {}
         self.leases: dict[str, dict] = {}
+        self.secrets: dict[str, dict] = {}
+        """``namespace/name`` -> Secret; deleted with their owner pod (ownerReferences), as the garbage collector."""
         self.events: list[dict] = []
         self.bindings: list[dict] = []
         self.history: list[tuple[int, str, str, dict]] = []  # (rv, collection, type, object)
@@ -97,6 +99,11 @@ class FakeApiServer:
             if pod is None:
                 return False
             self._record("pods", "DELETED", pod)
+            uid = pod["metadata"].get("uid")
+            for key, secret in list(self.secrets.items()):
+                owners = secret["metadata"].get("ownerReferences") or []
+                if key.startswith(f"{namespace}/") and any(o.get("uid") == uid for o in owners):
+                    del self.secrets[key]
             return True
 
     def finish_pod(self, namespace: str, name: str, phase: str = "Succeeded") -> None:
@@ -144,6 +151,15 @@ class FakeApiServer:
                 if selector.startswith("spec.nodeName="):
                     wanted = selector.split("=", 1)[1]
                     items = [i for i in items if (i.get("spec") or {}).get("nodeName") == wanted]
+                labels = params.get("labelSelector", "")
+                if labels:  # "key" or "key=value"
+                    key, _, value = labels.partition("=")
+                    items = [
+                        i
+                        for i in items
+                        if key in ((i.get("metadata") or {}).get("labels") or {})
+                        and (not value or i["metadata"]["labels"][key] == value)
+                    ]
                 # Pages: "continue" is the offset and the list's resourceVersion (one snapshot per list).
                 offset, version = 0, str(server.rv)
                 if params.get("continue"):
@@ -266,6 +282,46 @@ class FakeApiServer:
             with server.lock:
                 server.events.append(body)
             return body
+
+        @app.post("/api/v1/namespaces/{ns}/secrets", status_code=201)
+        def create_secret(ns: str, body: dict = Body(...)) -> Any:  # noqa: B008
+            with server.lock:
+                key = f"{ns}/{body['metadata']['name']}"
+                if key in server.secrets:
+                    return JSONResponse({"kind": "Status", "code": 409, "message": "exists"}, 409)
+                server.rv += 1
+                body["metadata"]["resourceVersion"] = str(server.rv)
+                body["metadata"]["namespace"] = ns
+                server.secrets[key] = body
+                return body
+
+        @app.get("/api/v1/namespaces/{ns}/secrets/{name}")
+        def get_secret(ns: str, name: str) -> dict:
+            with server.lock:
+                secret = server.secrets.get(f"{ns}/{name}")
+                if secret is None:
+                    raise HTTPException(404, "not found")
+                return copy.deepcopy(secret)
+
+        @app.put("/api/v1/namespaces/{ns}/secrets/{name}")
+        def replace_secret(ns: str, name: str, body: dict = Body(...)) -> Any:  # noqa: B008
+            with server.lock:
+                current = server.secrets.get(f"{ns}/{name}")
+                if current is None:
+                    raise HTTPException(404, "not found")
+                if body.get("metadata", {}).get("resourceVersion") != current["metadata"]["resourceVersion"]:
+                    return JSONResponse({"kind": "Status", "code": 409, "message": "conflict"}, 409)
+                server.rv += 1
+                body["metadata"]["resourceVersion"] = str(server.rv)
+                server.secrets[f"{ns}/{name}"] = body
+                return body
+
+        @app.delete("/api/v1/namespaces/{ns}/secrets/{name}")
+        def delete_secret(ns: str, name: str) -> Any:
+            with server.lock:
+                if server.secrets.pop(f"{ns}/{name}", None) is None:
+                    raise HTTPException(404, "not found")
+            return {"kind": "Status", "status": "Success"}
 
         @app.get("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}")
         def get_lease(ns: str, name: str) -> dict:

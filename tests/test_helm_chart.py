@@ -256,7 +256,12 @@ def check_kube_scheduler_config(config: dict[str, Any], values: dict[str, Any]) 
     assert config["percentageOfNodesToScore"] == values["scheduler"]["percentageOfNodesToScore"] == 100
     assert extender["enableHTTPS"] is False
     managed = {r["name"]: r["ignoredByScheduler"] for r in extender["managedResources"]}
-    assert managed == {names.RESOURCE_VXPU: False, names.RESOURCE_SHARE: True, names.RESOURCE_MEMORY: True}
+    assert managed == {
+        names.RESOURCE_VXPU: False,
+        names.RESOURCE_SHARE: True,
+        names.RESOURCE_MEMORY: True,
+        names.RESOURCE_REMOTE: True,  # no node advertises it: the extender places the remote slice
+    }
 
 
 def test_kube_scheduler_configuration(values: dict[str, Any]) -> None:
@@ -296,7 +301,10 @@ def test_rbac_is_least_privilege(values: dict[str, Any]) -> None:
     assert rules_of(docs, "ClusterRole", "-agent") == [
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+        # Only with agent.remote.enabled (this check renders every "if" as true): the pods' lease-token Secrets.
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "get", "update", "delete"]},
     ]
+    assert values["agent"]["remote"]["enabled"] is False
     # The extender binds with the placement in the Binding: it patches no pod. It preempts through the
     # Eviction API (PodDisruptionBudgets hold): it deletes no pod.
     scheduler = {(r["resources"][0], tuple(r["verbs"])) for r in rules_of(docs, "ClusterRole", "-scheduler")}

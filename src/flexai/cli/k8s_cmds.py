@@ -56,11 +56,28 @@ def agent(
             "runtime) or cdi-annotations (cdi.k8s.io/ annotations, for a CDI-enabled runtime)."
         ),
     ] = "envvar",
+    remote_listen: Annotated[
+        str, typer.Option(help="HOST:PORT of the gateway serving remote XPU leases (TLS; '' = none).")
+    ] = "",
+    remote_advertise: Annotated[
+        str, typer.Option(envvar="FLEXAI_REMOTE_ADVERTISE", help="tls://HOST:PORT clients reach the gateway at.")
+    ] = "",
+    remote_tls_cert: Annotated[str, typer.Option(help="TLS certificate (PEM) of the lease workers.")] = "",
+    remote_tls_key: Annotated[str, typer.Option(help="TLS private key (PEM) of the lease workers.")] = "",
+    remote_ca: Annotated[str, typer.Option(help="CA (PEM) given to remote pods in their Secret.")] = "",
+    remote_server_name: Annotated[
+        str, typer.Option(help="Name in the workers' certificate, when clients connect by IP.")
+    ] = "",
+    remote_allow: Annotated[
+        list[str] | None, typer.Option("--remote-allow", help="Entry-point glob the workers may create objects from.")
+    ] = None,
+    remote_state: Annotated[str, typer.Option(help="Folder for the lease files.")] = "/var/lib/flexai/leases",
     api_server: ApiServerOption = None,
     token_file: TokenOption = None,
     insecure: InsecureOption = False,
 ) -> None:
-    """Node agent: inventory with heartbeat on the Node, kubelet device plugin for flexai.io/vxpu."""
+    """Node agent: inventory with heartbeat on the Node, kubelet device plugin for flexai.io/vxpu, and (with
+    --remote-listen) lease workers for the remote slices placed on this node."""
     from flexai.k8s.agent import NodeAgent
     from flexai.k8s.deviceplugin.plugin import DEVICE_LIST_STRATEGIES
     from flexai.node.devices import DiscoveryError, discover
@@ -74,6 +91,18 @@ def agent(
         backend, found = discover(devices)
     except (DiscoveryError, ValueError) as exc:
         fail(str(exc))
+    remote = None
+    if remote_listen:
+        from flexai.k8s.leases import RemoteLeases
+
+        try:
+            remote = RemoteLeases(
+                _client(api_server, token_file, insecure), node_name, backend, remote_state, listen=remote_listen,
+                advertise=remote_advertise, tls_cert=remote_tls_cert, tls_key=remote_tls_key, ca_file=remote_ca,
+                server_name=remote_server_name, allow=remote_allow or [],
+            )  # fmt: skip
+        except (OSError, ValueError) as exc:
+            fail(f"--remote-listen: {exc}")
     node_agent = NodeAgent(
         _client(api_server, token_file, insecure),
         node_name,
@@ -83,6 +112,7 @@ def agent(
         heartbeat,
         socket_dir,
         device_list_strategy=device_list_strategy,
+        remote=remote,
     )
     node_agent.start()
     if metrics_port:

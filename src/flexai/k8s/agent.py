@@ -1,10 +1,13 @@
 """`flexai k8s agent`: one per node. Publishes the node's device inventory with a heartbeat, serves the
-kubelet device plugin, and answers its Allocate calls from the placements the scheduler wrote on pods."""
+kubelet device plugin, and answers its Allocate calls from the placements the scheduler wrote on pods. With
+``remote`` (``flexai.k8s.leases``) it also serves remote XPU leases for the remote slices placed on its node and
+publishes their endpoint in the inventory."""
 
 from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from flexai.k8s import names
@@ -12,6 +15,9 @@ from flexai.k8s.apiclient import KubeClient
 from flexai.k8s.deviceplugin.plugin import DEVICE_PLUGIN_DIR, DevicePluginServer, PendingPlacement
 from flexai.k8s.extender import ApiError
 from flexai.node.devices import DeviceBackend, DeviceInfo
+
+if TYPE_CHECKING:
+    from flexai.k8s.leases import RemoteLeases
 
 
 class NodeAgent:
@@ -26,8 +32,10 @@ class NodeAgent:
         socket_dir: str = DEVICE_PLUGIN_DIR,
         health_interval_s: float | None = 10.0,
         device_list_strategy: str = "envvar",
+        remote: RemoteLeases | None = None,
     ) -> None:
         self.client = client
+        self.remote = remote
         self.node_name = node_name
         self.backend = backend
         self.devices = devices
@@ -61,6 +69,7 @@ class NodeAgent:
             share_step_milli=self.share_step_milli,
             heartbeat=time.time(),
             vendor=self.backend.name,
+            remote_endpoint=self.remote.endpoint if self.remote is not None else "",
         )
 
     def publish(self) -> names.Inventory:
@@ -95,6 +104,8 @@ class NodeAgent:
         return [p for _, p in pending]
 
     def start(self) -> None:
+        if self.remote is not None:
+            self.remote.start()  # first: its port goes into the inventory
         self.publish()
         self.plugin.start()
         self._thread.start()
@@ -102,6 +113,8 @@ class NodeAgent:
     def stop(self) -> None:
         self._stop.set()
         self.plugin.stop()
+        if self.remote is not None:
+            self.remote.stop()
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

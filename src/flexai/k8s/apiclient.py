@@ -223,6 +223,19 @@ class KubeClient:
         }
         self._call("POST", f"/api/v1/namespaces/{namespace}/events", json=body)
 
+    # ----------------------------------------------------------------- secrets (remote XPU lease tokens)
+    def create_secret(self, namespace: str, body: dict) -> dict:
+        return self._call("POST", f"/api/v1/namespaces/{namespace}/secrets", json=body)
+
+    def get_secret(self, namespace: str, name: str) -> dict:
+        return self._call("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
+
+    def replace_secret(self, namespace: str, name: str, body: dict) -> dict:
+        return self._call("PUT", f"/api/v1/namespaces/{namespace}/secrets/{name}", json=body)
+
+    def delete_secret(self, namespace: str, name: str) -> None:
+        self._call("DELETE", f"/api/v1/namespaces/{namespace}/secrets/{name}")
+
     # ----------------------------------------------------------------- leases
     def get_lease(self, namespace: str, name: str) -> dict | None:
         try:

@@ -83,6 +83,9 @@ class PodDemand:
     cpu_milli: int
     host_memory_mib: int
     containers: tuple[ContainerDemand, ...]
+    remote: bool = False
+    """A remote slice (``flexai.io/vxpu-remote``): one device's share served over the network; the pod's own CPU
+    and memory are on its node, not with the slice (``cpu_milli`` and ``host_memory_mib`` are 0)."""
 
     def engine_request(self, name: str = "") -> Request:
         """The closest request the engine accepts, for scoring: the engine takes part of a device only on
@@ -164,6 +167,7 @@ def pod_demand(pod: dict) -> PodDemand | None:
     app_counts: list[int] = []
     init_counts: list[tuple[int, bool]] = []
     slice_shape: tuple[int, int, int] | None = None
+    remote = False
     try:
         cpu, host_memory = pod_host_usage(pod)
         for list_name in ("initContainers", "containers"):
@@ -171,6 +175,15 @@ def pod_demand(pod: dict) -> PodDemand | None:
                 requests, limits = _requests_of(c)
                 res = {**requests, **limits}  # extended resources live in limits; limits win
                 n = count(res.get(names.RESOURCE_VXPU, 0), names.RESOURCE_VXPU)
+                wants_remote = count(res.get(names.RESOURCE_REMOTE, 0), names.RESOURCE_REMOTE)
+                if wants_remote:
+                    if wants_remote != 1 or n or list_name != "containers" or remote:
+                        raise PodRequestError(
+                            f"{names.RESOURCE_REMOTE}={wants_remote} in container {c.get('name', '')!r} is not "
+                            f"allowed: 1, in one app container of the pod, without {names.RESOURCE_VXPU}"
+                        )
+                    remote = True
+                    n = 1
                 sidecar = list_name == "initContainers" and _is_sidecar(c)
                 if list_name == "containers":
                     app_counts.append(n)
@@ -205,6 +218,13 @@ def pod_demand(pod: dict) -> PodDemand | None:
     if total > 64:
         raise PodRequestError(f"{names.RESOURCE_VXPU}={total} (the pod's effective request) is not allowed: 1..64")
     models = tuple(m for m in str(annotations.get(names.ANNOTATION_MODEL, "")).split("|") if m)
+    if remote:
+        if len(containers) > 1 or pct:
+            raise PodRequestError(
+                f"{names.RESOURCE_REMOTE}: a remote pod asks for one slice in one container, with its memory in MiB "
+                f"(allowed: no other container with {names.RESOURCE_VXPU}, no memory percentage)"
+            )
+        return PodDemand(1, share, mib, 0, models, 0, 0, tuple(containers), remote=True)
     return PodDemand(total, share, mib, pct, models, cpu, host_memory, tuple(containers))
 
 
@@ -268,10 +288,17 @@ class PodRecord:
     """The pod's placement, only when it is bound to the node the placement names."""
     work: PodWork | None = None
     """Class, queue and gang for the Hi Scheduler (None when they cannot be read: see ``error``)."""
+    remote: names.RemotePlacement | None = None
+    """A remote pod's slice, only when the pod is bound to the node the remote placement names as its client."""
 
     @property
     def finished(self) -> bool:
         return self.phase in ("Succeeded", "Failed")
+
+    @property
+    def slice_node(self) -> str:
+        """The node its slices are on: its own node, or its remote slice's."""
+        return self.remote.node if self.remote is not None else self.node
 
 
 def slim_pod(pod: dict) -> PodRecord:
@@ -310,6 +337,15 @@ def slim_pod(pod: dict) -> PodRecord:
         # Only a bound pod's placement counts: a pending pod (or a user) cannot reserve by annotation.
         if placement is not None and placement.node != node:
             placement = None
+    remote = None
+    raw_remote = (meta.get("annotations") or {}).get(names.ANNOTATION_REMOTE)
+    if raw_remote and node and demand is not None and demand.remote:
+        try:
+            remote = names.RemotePlacement.from_json(raw_remote)
+        except (ValueError, TypeError):
+            remote = None
+        if remote is not None and remote.client != node:
+            remote = None
     return PodRecord(
         key=pod_key(pod),
         namespace=str(meta.get("namespace", "default")),
@@ -324,6 +360,7 @@ def slim_pod(pod: dict) -> PodRecord:
         error=error,
         placement=placement,
         work=work,
+        remote=remote,
     )
 
 
@@ -342,6 +379,8 @@ class Hold:
     deadline: float = math.inf
     placement: names.Placement | None = None
     """For ``assumed`` and ``binding``: the placement the bind writes."""
+    client: str = ""
+    """For a remote slice: the pod's own node ("" = the slice is on the pod's node)."""
 
     def same_grant(self, other: Hold) -> bool:
         return (self.node, self.uuids, self.share_milli, self.memory_mib, self.cpu_milli, self.host_memory_mib) == (
@@ -376,6 +415,8 @@ class NodeEntry:
     flex: FlexNode | None
     problem: str
     row: int = -1
+    labels: dict[str, str] = field(default_factory=dict)
+    """The node's topology labels (``flexai.io/rack``, ``topology.kubernetes.io/zone``): remote slices go near."""
 
 
 def _node_signature(node: dict) -> tuple[str, float]:
@@ -533,6 +574,10 @@ class KubeCluster:
         name = node["metadata"]["name"]
         signature, heartbeat = _node_signature(node)
         entry = self.entries.get(name)
+        labels = node["metadata"].get("labels") or {}
+        topology = {k: str(labels[k]) for k in names.TOPOLOGY_LABELS if k in labels}
+        if entry is not None:
+            entry.labels = topology
         if entry is not None and entry.signature == signature:
             # A heartbeat alone changes nothing to schedule on: only the node's liveness.
             entry.heartbeat = heartbeat
@@ -541,7 +586,7 @@ class KubeCluster:
             return
         flex, problem = _read_node(name, node)
         if entry is None:
-            entry = self.entries[name] = NodeEntry(name, signature, heartbeat, flex, problem)
+            entry = self.entries[name] = NodeEntry(name, signature, heartbeat, flex, problem, labels=topology)
         else:
             entry.signature, entry.heartbeat, entry.flex, entry.problem = signature, heartbeat, flex, problem
         if self._built:
@@ -565,6 +610,10 @@ class KubeCluster:
         if not self._fresh(entry.heartbeat):
             return f"flexai agent heartbeat is {self.clock() - entry.heartbeat:.0f} s old"
         return ""
+
+    def labels_of(self, name: str) -> dict[str, str]:
+        entry = self.entries.get(name)
+        return entry.labels if entry is not None else {}
 
     @property
     def problems(self) -> dict[str, str]:
@@ -755,6 +804,19 @@ class KubeCluster:
             return  # pending: an assumed or binding hold stays until the bind is seen or fails
         uuids: tuple[str, ...] = ()
         share = memory = 0
+        if record.remote is not None:
+            # A remote slice: held on the slice's node; the pod's own CPU and memory are kube-scheduler's to count.
+            remote = record.remote
+            uuids = tuple(s.uuid for s in remote.slices)
+            share = max((s.share_milli for s in remote.slices), default=0)
+            memory = max((s.memory_mib for s in remote.slices), default=0)
+            desired = Hold("bound", remote.node, uuids, share, memory, 0, 0, client=record.node)
+            if current is not None and current.same_grant(desired):
+                current.kind, current.deadline, current.placement = "bound", math.inf, None
+                self._assumed.pop(key, None)
+                return
+            self._set_hold(key, desired)
+            return
         if record.placement is not None and record.placement.slices:
             uuids = tuple(s.uuid for s in record.placement.slices)
             share = max(s.share_milli for s in record.placement.slices)

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 from starlette.requests import Request as HttpRequest
 
-from flexai.hi import HiConfig, QueueSpec
+from flexai.hi import HiConfig, QueueSpec, remote_choice
 from flexai.k8s import names
 from flexai.k8s.cluster import (
     ElasticState,
@@ -152,6 +152,7 @@ class Extender:
         self.args = ArgsReader()
         """Reads ExtenderArgs, remembering the node-name lists it has seen or written."""
         self.warned: set[str] = set()
+        self._serves: tuple[tuple[int, int], np.ndarray] | None = None
         from flexai.k8s.metrics import SchedulerMetrics
 
         self.prometheus = SchedulerMetrics()
@@ -256,6 +257,8 @@ class Extender:
             return self._filter_result(args, [], {}, {n: str(exc) for n in candidates}, error=""), None
         if demand is None:
             return self._filter_result(args, candidates, {}, {}), None
+        if demand.remote:
+            return self._filter_remote(args, pod, demand, candidates), None
         if self.bridge is not None:
             return self._filter_hi(args, pod, candidates), None
         cluster = self.cluster
@@ -454,6 +457,8 @@ class Extender:
             return self._node_list(candidates), zeros
         cluster = self.cluster
         key = pod_key(pod)
+        if demand.remote:
+            return self._prioritize_remote(key, demand, candidates)
         if self.bridge is not None:
             with self.lock:
                 node = self.bridge.nominated_node(key)
@@ -572,7 +577,12 @@ class Extender:
         demand = record.demand
         annotations: dict[str, str] = {}
         with self.lock:
-            if demand is not None:
+            if demand is not None and demand.remote:
+                error = self._bind_remote(record, key, node, annotations)
+                if error:
+                    self._count("unschedulable", "bind")
+                    return {"Error": error}
+            elif demand is not None:
                 state = cluster.state
                 scheduler = self.scheduler()
                 row = cluster.index_of.get(node)
@@ -614,6 +624,181 @@ class Extender:
             return {"Error": error}
         self._count("scheduled", "bind")
         return {"Error": ""}
+
+    # ----------------------------------------------------------------- remote slices
+    def _serving(self) -> np.ndarray:
+        """Per row: the node's agent serves remote leases (its inventory advertises an endpoint)."""
+        stamp = (self.cluster.version, self.cluster.layout_version)
+        if self._serves is None or self._serves[0] != stamp:
+            flags = [f is not None and bool(f.inventory.remote_endpoint) for f in self.cluster.flex_nodes]
+            self._serves = (stamp, np.array(flags, dtype=bool))
+        return self._serves[1]
+
+    def _remote_rows(self, state: ElasticState, demand: PodDemand, empty: bool = False) -> np.ndarray:
+        """Per row: a node serving remote leases with a device the remote slice fits on (live, unless ``empty``:
+        would it fit there if the node were empty?)."""
+        ok = np.logical_and.reduce(list(self._masks(state, demand, empty=empty).values())) & self._serving()
+        return ok & (self.cluster.has_node if empty else self.cluster.live)
+
+    def _remote_scores(self, state: ElasticState, demand: PodDemand, candidates: list[str]) -> np.ndarray:
+        """Scores of the nodes the pod itself may run on: 10 where a local slice fits, then by the distance to the
+        nearest node with a free slice (same rack 7, same zone 4, elsewhere 1); 0 for all when none is free."""
+        cluster = self.cluster
+        fit = self._remote_rows(state, demand)
+        scores = np.zeros(len(candidates), dtype=np.int64)
+        rows = np.flatnonzero(fit)
+        if not len(rows):
+            return scores
+        near: dict[str, set[str]] = {label: set() for label in names.TOPOLOGY_LABELS}
+        for r in rows.tolist():
+            flex = cluster.flex_nodes[r]
+            labels = cluster.labels_of(flex.name) if flex is not None else {}
+            for label in names.TOPOLOGY_LABELS:
+                if labels.get(label):
+                    near[label].add(labels[label])
+        for i, name in enumerate(candidates):
+            row = cluster.index_of.get(name)
+            labels = cluster.labels_of(name)
+            if row is not None and fit[row]:
+                scores[i] = MAX_EXTENDER_PRIORITY
+            elif labels.get(names.LABEL_RACK) in near[names.LABEL_RACK]:
+                scores[i] = 7
+            elif labels.get(names.LABEL_ZONE) in near[names.LABEL_ZONE]:
+                scores[i] = 4
+            else:
+                scores[i] = 1
+        return scores
+
+    def _remote_plan(
+        self, scheduler: Scheduler, state: ElasticState, demand: PodDemand, client: str, key: str, kind: str
+    ) -> Hold | None:
+        """The remote slice for a pod running on ``client``: ``flexai.hi.remote_choice``'s rule (a local slice when
+        one fits; else the least expected time, i.e. the nearest by topology), as a hold on the slice's node."""
+        cluster = self.cluster
+        rows = np.flatnonzero(self._remote_rows(state, demand)).tolist()
+        candidates = []
+        for r in rows:
+            flex = cluster.flex_nodes[r]
+            if flex is not None:
+                speed = demand.share_milli / 1000
+                candidates.append(remote_choice.Candidate(flex.name, True, speed, labels=cluster.labels_of(flex.name)))
+        choice = remote_choice.choose(client, cluster.labels_of(client), candidates, remote_choice.CallProfile())
+        if choice.node is None:
+            return None
+        hold = self._plan(scheduler, state, demand, cluster.index_of[choice.node], key, kind)
+        if hold is not None:
+            hold.client = client
+        return hold
+
+    def _filter_remote(
+        self, args: dict[str, Any], pod: dict, demand: PodDemand, candidates: list[str]
+    ) -> dict[str, Any]:
+        """A remote pod may run on any node kube-scheduler's filters passed, once a slice is free for it somewhere
+        (with the Hi Scheduler: once it placed the pod; the slice itself is chosen at bind, near the pod's node)."""
+        key = pod_key(pod)
+        cluster = self.cluster
+        reason, unresolvable = "", False
+        if self.bridge is not None:
+            with self.lock:
+                if key not in cluster.pods:
+                    cluster.upsert_pod(pod)
+                decision = self.bridge.decide(key)
+            if decision.evictions:
+                self._evict(decision.evictions)
+            if decision.node:
+                self._count("scheduled")
+                return self._filter_result(args, list(candidates), {}, {})
+            reason, unresolvable = decision.reason, decision.unresolvable
+        else:
+            with self.lock:
+                cluster.forget(key, kinds=("assumed",))
+                state = cluster.state
+                if state is not None and self.scheduler() is not None and self._remote_rows(state, demand).any():
+                    self._count("scheduled")
+                    return self._filter_result(args, list(candidates), {}, {})
+                unresolvable = state is None or not self._remote_rows(state, demand, empty=True).any()
+            size = f"{demand.share_milli}m share and {demand.memory_mib} MiB"
+            reason = f"no node serving remote leases has a free slice of {size}" + (
+                " (and none could ever hold it)" if unresolvable else ""
+            )
+        self._count("unschedulable")
+        text = "flexai: " + reason
+        if unresolvable:
+            self._warn_once(pod, "FlexaiUnschedulable", reason)
+            return self._filter_result(args, [], {}, {n: text for n in candidates})
+        return self._filter_result(args, [], {n: text for n in candidates}, {})
+
+    def _prioritize_remote(self, key: str, demand: PodDemand, candidates: list[str]) -> tuple[_NodeList, np.ndarray]:
+        listed = self._node_list(candidates)
+        cluster = self.cluster
+        with self.lock:
+            state = cluster.state
+            scheduler = self.scheduler()
+            if state is None or scheduler is None:
+                return listed, np.zeros(len(candidates), dtype=np.int64)
+            if self.bridge is not None:
+                start = self.bridge.nominated.get(key)
+                if start is None:
+                    return listed, np.zeros(len(candidates), dtype=np.int64)
+                # Hi's slice counts as free here: the pod's own node may hold a local slice instead (at bind).
+                cluster.forget(key, kinds=("assumed",))
+                scores = self._remote_scores(state, demand, candidates)
+                hold = self.bridge.hold_for(key, start.placement, "assumed")
+                if hold is not None:
+                    cluster.hold(key, hold)
+                return listed, scores
+            cluster.forget(key, kinds=("assumed",))
+            scores = self._remote_scores(state, demand, candidates)
+            if len(scores) and self.assume_ttl_s > 0 and scores.max() > 0:
+                hold = self._remote_plan(scheduler, state, demand, candidates[int(np.argmax(scores))], key, "assumed")
+                if hold is not None:
+                    hold.deadline = cluster.clock() + self.assume_ttl_s
+                    cluster.hold(key, hold)
+        return listed, scores
+
+    def _bind_remote(self, record: Any, key: str, node: str, annotations: dict[str, str]) -> str:
+        """Hold the remote slice for a pod bound to ``node`` and write where it is (called under the lock)."""
+        cluster = self.cluster
+        demand = record.demand
+        state = cluster.state
+        scheduler = self.scheduler()
+        where = f"pod {record.namespace}/{record.name}"
+        if state is None or scheduler is None:
+            return f"{where}: no flexai node serves remote leases"
+        hold = cluster.holds.get(key)
+        if hold is not None and hold.kind == "assumed" and hold.client == node and cluster.applied(key):
+            cluster.promote(key)
+        elif self.bridge is not None:
+            start = self.bridge.nominated.get(key)
+            if start is None:
+                return f"{where}: the flexai scheduler has not placed it yet"
+            cluster.forget(key)
+            hold = None
+            if not start.after:  # a slice freed by preemption stays the pod's; otherwise the remote rule chooses
+                hold = self._remote_plan(scheduler, state, demand, node, key, "binding")
+                if hold is not None and not self.bridge.relocate(key, hold):
+                    hold = None
+            if hold is None:
+                hold = self.bridge.hold_for(key, self.bridge.nominated[key].placement, "binding")
+                if hold is not None:
+                    hold.client = node
+            if hold is None or not cluster.hold(key, hold):
+                return f"{where}: its slice is not free yet"
+        else:
+            cluster.forget(key)
+            hold = self._remote_plan(scheduler, state, demand, node, key, "binding")
+            if hold is None or not cluster.hold(key, hold):
+                return f"{where}: no node serving remote leases has a free slice for it now"
+        flex = cluster.flex_nodes[cluster.index_of[hold.node]]
+        assert flex is not None and hold.placement is not None
+        endpoint = flex.inventory.remote_endpoint
+        remote = names.RemotePlacement(
+            hold.node, node, names.lease_id_of(record.uid or key), endpoint, hold.placement.slices
+        )
+        annotations[names.ANNOTATION_REMOTE] = remote.to_json()
+        annotations[names.ANNOTATION_REMOTE_ENDPOINT] = endpoint
+        annotations[names.ANNOTATION_BOUND_AT] = f"{time.time():.6f}"
+        return ""
 
     def _bind(self, namespace: str, name: str, uid: str, node: str, annotations: dict[str, str]) -> str:
         assert self.api is not None

@@ -24,7 +24,7 @@ their slices and, as any preempted work, are not chosen again for ``HiConfig.pre
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flexai.hi import HiConfig, HiError, HiScheduler, Preempt, QueueSpec, Start, WorkItem
 from flexai.k8s import names
@@ -182,7 +182,7 @@ class HiBridge:
                 return  # a victim whose eviction is under way: its slices already belong to its preemptor
             running = hi.running.get(key)
             if running is not None:
-                if self.cluster.index_of.get(record.node) == running.placement.node_index:
+                if self.cluster.index_of.get(record.slice_node) == running.placement.node_index:
                     hi.started(key)
                     return
                 hi.release(key)  # bound elsewhere than hi placed it: take what it really holds
@@ -301,6 +301,31 @@ class HiBridge:
             kind, flex.name, ordered, demand.share_milli, memory, demand.cpu_milli, demand.host_memory_mib,
             deadline=deadline, placement=names.Placement(flex.name, slices, containers),
         )  # fmt: skip
+
+    def relocate(self, key: str, hold: Hold) -> bool:
+        """Move a nominated remote pod's slice to ``hold`` (the remote rule's choice near the pod's node, made at
+        bind) in Hi's ledger too; False (nothing changed) when Hi's ledger has no room there."""
+        hi = self.hi
+        start = self.nominated.get(key)
+        item = self.items.get(key)
+        row = self.cluster.index_of.get(hold.node)
+        if hi is None or start is None or item is None or row is None or key not in hi.running:
+            return False
+        flex = self.cluster.flex_nodes[row]
+        assert flex is not None
+        devices = tuple(flex.by_uuid[u] for u in hold.uuids)
+        placement = Placement(row, devices, hold.share_milli, hold.memory_mib, hold.cpu_milli, hold.host_memory_mib)
+        if placement == start.placement:
+            return True
+        now = self.cluster.clock()
+        hi.release(key)
+        try:
+            hi.adopt(item, placement, now)
+        except (LedgerError, HiError):
+            hi.adopt(item, start.placement, now)
+            return False
+        self.nominated[key] = replace(start, placement=placement)
+        return True
 
     def nominated_node(self, key: str) -> str:
         start = self.nominated.get(key)

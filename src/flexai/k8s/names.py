@@ -49,6 +49,26 @@ DEVICE_PLUGIN_SOCKET = "flexai.sock"
 """File name of the agent's device-plugin socket under /var/lib/kubelet/device-plugins/."""
 LEASE_NAME = "flexai-scheduler"
 
+# ------------------------------------------------------------------ remote XPU (docs/kubernetes.md, "Remote XPU")
+RESOURCE_REMOTE = f"{PREFIX}/vxpu-remote"
+"""In a container's limits: ``1`` = one slice (``flexai.io/vxpu-share``, ``flexai.io/vxpu-memory``) served to the pod
+over the network by a lease worker, wherever the slice is; the pod may run on a node without accelerators."""
+LABEL_REMOTE = f"{PREFIX}/vxpu-remote"
+"""On a Pod (label ``"true"``, written by the webhook): the agents list remote pods by it."""
+ANNOTATION_REMOTE = f"{PREFIX}/remote-placement"
+"""On a Pod (in the Binding): where its remote slice is (JSON, see ``RemotePlacement``). Kept apart from
+``flexai.io/placement``, which the device plugins of the pod's own node read."""
+ANNOTATION_REMOTE_ENDPOINT = f"{PREFIX}/remote-endpoint"
+"""On a Pod (in the Binding): the lease worker's address, ``tls://HOST:PORT``; the webhook gives the containers
+``FLEXAI_REMOTE_ENDPOINT`` from it (downward API)."""
+ANNOTATION_LEASE_SECRET = f"{PREFIX}/lease-secret"
+"""On a Pod (written by the webhook): the name of the Secret that will hold its lease token (default
+``flexai-lease-<pod name>``). The agent serving the slice creates it, owned by the pod."""
+LABEL_RACK = f"{PREFIX}/rack"
+"""On a Node: its rack (remote slices go to the same node, then the same rack, then the same zone)."""
+LABEL_ZONE = "topology.kubernetes.io/zone"
+TOPOLOGY_LABELS = (LABEL_RACK, LABEL_ZONE)
+
 
 @dataclass(frozen=True)
 class InventoryDevice:
@@ -68,6 +88,8 @@ class Inventory:
     heartbeat: float = 0.0
     """Unix time of the agent's last update; the extender ignores inventories older than its timeout."""
     vendor: str = ""
+    remote_endpoint: str = ""
+    """``tls://HOST:PORT`` where the agent's gateway serves remote leases ("" = it serves none)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -90,6 +112,7 @@ class Inventory:
                 share_step_milli=int(data.get("share_step_milli", 100)),
                 heartbeat=float(data.get("heartbeat", 0.0)),
                 vendor=str(data.get("vendor", "")),
+                remote_endpoint=str(data.get("remote_endpoint", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"inventory device entry is malformed: {exc!r}") from None
@@ -163,3 +186,49 @@ class Placement:
             if any(not 0 <= i < len(slices) for i in c.slices):
                 raise ValueError(f"placement is malformed: container {c.name!r} names a slice that does not exist")
         return cls(node=str(data["node"]), slices=slices, containers=containers)
+
+
+@dataclass(frozen=True)
+class RemotePlacement:
+    """Where a remote pod's slice is (annotation ``flexai.io/remote-placement``): ``node`` holds the slice,
+    ``client`` is the pod's own node, ``lease`` the lease id its worker serves, ``endpoint`` the worker's gateway."""
+
+    node: str
+    client: str
+    lease: str
+    endpoint: str
+    slices: tuple[SliceGrant, ...] = field(default_factory=tuple)
+
+    @property
+    def local(self) -> bool:
+        return self.node == self.client
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RemotePlacement:
+        """Parse and type-check; raises ValueError naming what is wrong."""
+        data = json.loads(text)
+        if not isinstance(data, dict) or not isinstance(data.get("slices", []), list):
+            raise ValueError("remote placement must be an object with a node and a list of slices")
+        try:
+            slices = tuple(
+                SliceGrant(int(s["device"]), str(s["uuid"]), int(s["share_milli"]), int(s["memory_mib"]))
+                for s in data.get("slices", [])
+            )
+            return cls(str(data["node"]), str(data["client"]), str(data["lease"]), str(data["endpoint"]), slices)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"remote placement is malformed: {exc!r}") from None
+
+
+def lease_id_of(pod_uid: str) -> str:
+    """The lease id of a remote pod's worker (12 hex characters, from the pod's uid: a retried bind names the same)."""
+    import hashlib
+
+    return hashlib.sha256(f"flexai-lease:{pod_uid}".encode()).hexdigest()[:12]
+
+
+def lease_secret_name(pod: dict) -> str:
+    meta = pod.get("metadata") or {}
+    return str((meta.get("annotations") or {}).get(ANNOTATION_LEASE_SECRET) or f"flexai-lease-{meta.get('name', '')}")

@@ -14,14 +14,16 @@ from flexai.k8s.extender import DEFAULT_ASSUME_TTL_S, Extender
 
 
 def _slim_node(node: dict) -> dict:
-    """Only what the view reads of a Node: its name, the inventory annotation and allocatable."""
+    """Only what the view reads of a Node: its name, topology labels, the inventory annotation and allocatable."""
     meta = node.get("metadata") or {}
     annotations = meta.get("annotations") or {}
     inventory = annotations.get(names.ANNOTATION_INVENTORY)
+    labels = meta.get("labels") or {}
     return {
         "metadata": {
             "name": meta.get("name", ""),
             "resourceVersion": meta.get("resourceVersion", ""),
+            "labels": {k: labels[k] for k in names.TOPOLOGY_LABELS if k in labels},
             "annotations": {names.ANNOTATION_INVENTORY: inventory} if inventory is not None else {},
         },
         "status": {"allocatable": (node.get("status") or {}).get("allocatable") or {}},

@@ -69,10 +69,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from flexai.k8s.names import (
+    ANNOTATION_LEASE_SECRET,
     ANNOTATION_MEMORY_PERCENTAGE,
     ANNOTATION_MODEL,
+    ANNOTATION_REMOTE_ENDPOINT,
     ANNOTATION_TRANSLATED,
+    LABEL_REMOTE,
     RESOURCE_MEMORY,
+    RESOURCE_REMOTE,
     RESOURCE_SHARE,
     RESOURCE_VXPU,
     SCHEDULER_NAME,
@@ -249,6 +253,8 @@ class PodReview:
     errors: list[str] = field(default_factory=list)
     malformed: bool = False
     """True when an error is about syntax (an unparsable quantity, a pod that is not an object)."""
+    remote: bool = False
+    """The pod asks for a remote slice (``flexai.io/vxpu-remote``)."""
 
 
 def _pointer(*parts: str | int) -> str:
@@ -332,6 +338,7 @@ def _both(
 class _ContainerResult:
     slices: ContainerSlices | None = None
     ops: list[dict[str, Any]] = field(default_factory=list)
+    remote: bool = False
 
 
 def _rewrite_resources(
@@ -381,6 +388,8 @@ def _read_container(
     priority = None
     if HAMI_PRIORITY in present:
         priority, _ = _both(reader, dicts, HAMI_PRIORITY, lambda k, r: reader.integer(k, r, "0 (high) or 1 (low)"))
+    if RESOURCE_REMOTE in present:
+        return _read_remote(container, path, reader, dicts, present, review, options)
     vnpu = sorted(k for k in present if ASCEND_VNPU.match(k))
     used = [c for c in CONVENTIONS if any(c.owns(k) for k in present)] + ([ASCEND] if vnpu else [])
     if len(used) > 1:
@@ -434,6 +443,91 @@ def _read_container(
         wanted[RESOURCE_MEMORY] = str(memory)
     result.ops += _rewrite_resources(dicts, path, own | set(vnpu) | {HAMI_PRIORITY}, wanted)
     return result
+
+
+def _read_remote(
+    container: Mapping[str, Any],
+    path: tuple[str | int, ...],
+    reader: _ContainerReader,
+    dicts: dict[str, dict[str, Any]],
+    present: set[str],
+    review: PodReview,
+    options: WebhookOptions,
+) -> _ContainerResult:
+    """A container that asks for a remote slice (``flexai.io/vxpu-remote: 1`` with flexai's share and memory)."""
+    result = _ContainerResult()
+    errors_before = len(review.errors)
+    if path[1] != "containers":
+        reader.error(f"{RESOURCE_REMOTE} is not allowed in an init container (allowed: in one app container)")
+        return result
+    others = sorted(k for k in present if k == RESOURCE_VXPU or any(c.owns(k) for c in CONVENTIONS if c is not FLEXAI))
+    if others:
+        reader.error(
+            f"{RESOURCE_REMOTE} with {', '.join(others)} (allowed: a remote slice asks only for "
+            f"{RESOURCE_REMOTE}: 1, {RESOURCE_SHARE} and {RESOURCE_MEMORY})"
+        )
+        return result
+    remote, _ = _both(reader, dicts, RESOURCE_REMOTE, lambda k, r: reader.integer(k, r, "1"))
+    if remote is not None and remote.number != 1:
+        reader.error(f"{remote} is not allowed (allowed: 1, one remote slice per pod)")
+    values: dict[str, _Value] = {}
+    for key, read in (
+        (RESOURCE_SHARE, lambda k, r: reader.integer(k, r, "a whole number of milli")),
+        (RESOURCE_MEMORY, lambda k, r: reader.memory(k, r, 1)),
+    ):
+        value, _ = _both(reader, dicts, key, read)
+        if value is not None:
+            values[key] = value
+    checked = None if len(review.errors) > errors_before else _check(reader, FLEXAI, values, options)
+    if checked is None or len(review.errors) > errors_before:
+        return result
+    _, share, memory, _ = checked
+    result.slices = ContainerSlices(str(container.get("name", path[-1])), "flexai", 1, share, memory)
+    result.remote = True
+    wanted = {RESOURCE_REMOTE: "1"}
+    if share is not None:
+        wanted[RESOURCE_SHARE] = str(share)
+    if memory is not None:
+        wanted[RESOURCE_MEMORY] = str(memory)
+    result.ops += _rewrite_resources(dicts, path, {RESOURCE_REMOTE, RESOURCE_SHARE, RESOURCE_MEMORY}, wanted)
+    return result
+
+
+def remote_env(secret: str) -> list[dict[str, Any]]:
+    """What a remote pod's container gets: the endpoint from the pod's annotation (written in the Binding), the
+    token, CA and server name from the pod's Secret (written by the agent serving the slice)."""
+
+    def from_secret(key: str, optional: bool) -> dict[str, Any]:
+        ref: dict[str, Any] = {"name": secret, "key": key}
+        if optional:
+            ref["optional"] = True
+        return {"secretKeyRef": ref}
+
+    return [
+        {
+            "name": "FLEXAI_REMOTE_ENDPOINT",
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_REMOTE_ENDPOINT}']"}},
+        },
+        {"name": "FLEXAI_LEASE_TOKEN", "valueFrom": from_secret("token", False)},
+        {"name": "FLEXAI_REMOTE_CA", "valueFrom": from_secret("ca.crt", True)},
+        {"name": "FLEXAI_REMOTE_SERVER_NAME", "valueFrom": from_secret("server-name", True)},
+    ]
+
+
+def _remote_ops(pod: Mapping[str, Any], paths: list[tuple[str | int, ...]], secret: str) -> list[dict[str, Any]]:
+    ops: list[dict[str, Any]] = []
+    for path in paths:
+        container = pod["spec"][path[1]][path[2]]
+        env = container.get("env")
+        wanted = remote_env(secret)
+        if not isinstance(env, list):
+            ops.append({"op": "add", "path": _pointer(*path, "env"), "value": wanted})
+            continue
+        have = {e.get("name") for e in env if isinstance(e, Mapping)}
+        for entry in wanted:
+            if entry["name"] not in have:
+                ops.append({"op": "add", "path": _pointer(*path, "env", "-"), "value": entry})
+    return ops
 
 
 def _to_step(milli: int, step: int) -> int:
@@ -556,6 +650,7 @@ def inspect_pod(pod: object, options: WebhookOptions | None = None) -> PodReview
         return review
     spec = pod["spec"]
     container_ops: list[dict[str, Any]] = []
+    remote_paths: list[tuple[str | int, ...]] = []
     for list_name in ("initContainers", "containers"):
         containers = spec.get(list_name) or []
         if not isinstance(containers, list):
@@ -566,8 +661,15 @@ def inspect_pod(pod: object, options: WebhookOptions | None = None) -> PodReview
             result = _read_container(container, ("spec", list_name, index), review, options)
             if result.slices is not None:
                 review.slices.append(result.slices)
+            if result.remote:
+                remote_paths.append(("spec", list_name, index))
             container_ops.extend(result.ops)
     shapes = {s.slice_shape for s in review.slices}
+    if not review.errors and remote_paths and len(review.slices) > 1:
+        review.errors.append(
+            f"{RESOURCE_REMOTE}: a remote pod asks for one slice in one container (allowed: no other container "
+            "asking for flexai slices)"
+        )
     if not review.errors and len(shapes) > 1:
         described = ", ".join(
             f"'{s.container}' {s.slice_shape[0]}m share and "
@@ -592,6 +694,15 @@ def inspect_pod(pod: object, options: WebhookOptions | None = None) -> PodReview
     patch.extend(container_ops)
 
     annotations: dict[str, str] = {}
+    if remote_paths:
+        review.remote = True
+        secret = existing.get(ANNOTATION_LEASE_SECRET) if isinstance(existing, Mapping) else None
+        if not isinstance(secret, str) or not secret:
+            import secrets as _secrets
+
+            secret = f"flexai-lease-{_secrets.token_hex(6)}"  # the pod's name may not be known yet (generateName)
+            annotations[ANNOTATION_LEASE_SECRET] = secret
+        patch.extend(_remote_ops(pod, remote_paths, secret))
     if review.translated_from:
         annotations[ANNOTATION_TRANSLATED] = ",".join(review.translated_from)
     percentages = {s.container: s.memory_percentage for s in review.slices if s.memory_percentage is not None}
@@ -610,6 +721,13 @@ def inspect_pod(pod: object, options: WebhookOptions | None = None) -> PodReview
                 if existing.get(key) != value:
                     op = "replace" if key in existing else "add"
                     patch.append({"op": op, "path": _pointer("metadata", "annotations", key), "value": value})
+    if remote_paths:
+        labels = metadata.get("labels") if metadata is not None else None
+        if not isinstance(labels, Mapping):
+            patch.append({"op": "add", "path": "/metadata/labels", "value": {LABEL_REMOTE: "true"}})
+        elif labels.get(LABEL_REMOTE) != "true":
+            op = "replace" if LABEL_REMOTE in labels else "add"
+            patch.append({"op": op, "path": _pointer("metadata", "labels", LABEL_REMOTE), "value": "true"})
     review.patch = patch
     return review
 
