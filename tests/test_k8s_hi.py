@@ -343,3 +343,15 @@ def test_a_high_pod_in_a_queue_at_its_limit_evicts_its_own_queues_lower_work() -
             assert hi is not None and hi.queues.use["small"].total_share_milli == 2000
     finally:
         h.stop()
+
+
+def test_moves_are_off_on_kubernetes_until_they_can_be_carried_out() -> None:
+    """Hi's defragmentation moves are not carried out by the extender yet: asking for them turns them off (a move
+    in Hi's ledger without an eviction and a rebind would leave the ledger and the cluster apart)."""
+    from flexai.k8s.cluster import KubeCluster
+    from flexai.k8s.hibridge import MOVES_NOT_SUPPORTED, HiBridge
+
+    bridge = HiBridge(KubeCluster(), config=HiConfig(defrag_max_moves=4, consolidation_interval_s=60.0))
+    assert (bridge.config.defrag_max_moves, bridge.config.consolidation_interval_s) == (0, 0.0)
+    assert bridge.moves_off == MOVES_NOT_SUPPORTED
+    assert HiBridge(KubeCluster()).moves_off == ""

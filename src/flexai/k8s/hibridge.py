@@ -23,6 +23,7 @@ their slices and, as any preempted work, are not chosen again for ``HiConfig.pre
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -34,6 +35,11 @@ from flexai.model.workload import WorkloadProfile
 from flexai.scheduler import PolicyContext, Scheduler, create_policy
 
 NO_MODEL = "(no allowed model)"
+MOVES_NOT_SUPPORTED = (
+    "defragmentation moves (defrag_max_moves, consolidation_interval_s) are turned off on Kubernetes: carrying a "
+    "move out (evict the pod, bind its owner's replacement pod to the reserved target) is not built yet"
+)
+log = logging.getLogger("flexai.k8s.hibridge")
 
 
 @dataclass
@@ -67,7 +73,16 @@ class HiBridge:
     ) -> None:
         self.cluster = cluster
         self.policy_name = policy
-        self.config = config or HiConfig()
+        config = config or HiConfig()
+        self.moves_off = ""
+        """Why migrations asked for in the config are off here ("" = none were asked for)."""
+        if config.defrag_max_moves or config.consolidation_interval_s:
+            # Moves are not carried out on Kubernetes yet (see MOVES_NOT_SUPPORTED): off, so that Hi's ledger never
+            # holds a pod on a target while the pod still runs on its source.
+            self.moves_off = MOVES_NOT_SUPPORTED
+            log.warning("flexai scheduler: %s", MOVES_NOT_SUPPORTED)
+            config = replace(config, defrag_max_moves=0, consolidation_interval_s=0.0)
+        self.config = config
         self.queue_specs = list(queues or [])
         self.profile = profile
         self.assume_ttl_s = max(assume_ttl_s, 1.0)
@@ -246,6 +261,7 @@ class HiBridge:
         self._sync(key)
         now = self.cluster.clock()
         result = hi.cycle(now)
+        assert not result.moves, "moves are off on Kubernetes (MOVES_NOT_SUPPORTED)"
         for start in result.starts:
             self.nominated[start.item.id] = start
         for preempt in result.preemptions:
