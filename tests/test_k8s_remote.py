@@ -238,6 +238,14 @@ def test_remote_pods_end_to_end(kube: Cluster, certs) -> None:  # noqa: F811
     assert kube.schedule(admit(remote_pod("r-local")), ["gpu-1"]) == "gpu-1"
     local = kube.remote_of("r-local")
     assert (local.node, local.client) == ("gpu-1", "gpu-1")
+    # On gpu-2 too, although the Hi Scheduler packs onto gpu-1: the bind moves its slice to the local one.
+    assert kube.schedule(admit(remote_pod("r-two")), ["gpu-2"]) == "gpu-2"
+    two = kube.remote_of("r-two")
+    assert (two.node, two.client) == ("gpu-2", "gpu-2")
+    assert kube.service is not None and kube.service.extender.bridge is not None
+    with kube.service.extender.lock:  # Hi's ledger follows: the slice is on gpu-2 there too
+        hi = kube.service.extender.bridge.hi
+        assert hi is not None and hi.running["uid-r-two"].placement.node_index == kube.service.cluster.index_of["gpu-2"]
     # A pod on the node without devices: the nearest node with a free slice (same rack) over gpu-2 (other zone).
     assert kube.schedule(admit(remote_pod("r-cpu")), ["cpu-1"]) == "cpu-1"
     near = kube.remote_of("r-cpu")
@@ -248,7 +256,7 @@ def test_remote_pods_end_to_end(kube: Cluster, certs) -> None:  # noqa: F811
     assert kube.schedule(admit(remote_pod("r-far")), ["gpu-1"]) == "gpu-1"
     far = kube.remote_of("r-far")
     assert (far.node, far.client) == ("gpu-2", "gpu-1")
-    assert kube.free_share("gpu-2") == 700
+    assert kube.free_share("gpu-2") == 400
 
     # The agents start the workers and write each pod's Secret, owned by the pod.
     for agent in kube.agents.values():
