@@ -1,7 +1,7 @@
 """The defragmentation heuristic against the exact MILP on blocked pods from the bundled traces.
 
     python benchmarks/defrag_quality.py [--traces default,multigpu40] [--seeds 42-44] [--samples 40]
-                                        [--max-moves 16] [--hole-nodes 8] [--json PATH]
+                                        [--max-moves 16] [--hole-nodes 64] [--json PATH]
 
 For each trace and seed: fill the 1,213 GPU nodes with ``flex`` as ``flexai simulate`` does (no moves),
 and at ``--samples`` of the pods that fail while blocked by fragmentation (evenly spread over the run) ask
@@ -9,7 +9,9 @@ both ``flexai.hi.defrag.find_moves`` and ``flexai.sim.defrag_milp.milp_moves`` (
 ``--hole-nodes`` most promising hole nodes and every device with room for each replica) for the fewest
 moves (at most ``--max-moves``) of non-``high`` pods that open a hole. Every plan is checked by carrying it
 out in the ledger and rolling back. Prints how often each finds a plan, how often the heuristic finds one
-when the MILP does, how many more moves it then uses, and the time each takes.
+when the MILP does, how many more moves it then uses, and the time each takes. ``no_hole_possible``
+counts blocked pods for which no node could hold them even if every movable pod that fits elsewhere left
+(no plan exists at all); ``exact`` those where the MILP saw every possible hole node and proved optimality.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ def instances(trace: str, seed: int, samples: int, max_moves: int, hole_nodes: i
                 "milp_valid": exact.plan is None or _valid(engine, exact.plan, request),
                 "milp_optimal": exact.optimal,
                 "milp_variables": exact.variables,
+                "viable_nodes": exact.viable_nodes,
+                "exact": exact.optimal and exact.viable_nodes <= hole_nodes,
                 "milp_s": milp_s,
             }
         )
@@ -104,6 +108,8 @@ def summarise(rows: list[dict[str, object]]) -> dict[str, object]:
         "extra_moves_max": max(extra) if extra else None,
         "same_moves_pct": round(100.0 * sum(1 for e in extra if e == 0) / len(extra), 1) if extra else None,
         "milp_optimal_pct": round(100.0 * sum(1 for r in rows if r["milp_optimal"]) / len(rows), 1) if rows else None,
+        "no_hole_possible": sum(1 for r in rows if r["viable_nodes"] == 0),
+        "exact_pct": round(100.0 * sum(1 for r in rows if r["exact"]) / len(rows), 1) if rows else None,
         "all_plans_valid": all(r["heuristic_valid"] and r["milp_valid"] for r in rows),
         "heuristic_ms_mean": round(1000 * float(np.mean([r["heuristic_s"] for r in rows])), 2) if rows else None,
         "heuristic_ms_p99": round(1000 * float(np.percentile([r["heuristic_s"] for r in rows], 99)), 2)
@@ -120,7 +126,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="42-44")
     parser.add_argument("--samples", type=int, default=40)
     parser.add_argument("--max-moves", type=int, default=16)
-    parser.add_argument("--hole-nodes", type=int, default=8)
+    parser.add_argument("--hole-nodes", type=int, default=64)
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     lo, _, hi = args.seeds.partition("-")

@@ -443,3 +443,19 @@ def test_simulate_with_migrations_end_to_end(tiny_with_qos, tmp_path) -> None:  
     assert sum(r["migrations"] for r in doc["runs"]) > 0
     bad = runner.invoke(app, [*common, "--migrations", "-1", "--out", str(tmp_path / "b")])
     assert bad.exit_code == 2 and "--migrations=-1 is not allowed" in " ".join(bad.output.split())
+
+
+@pytest.mark.parametrize(("name", "devices", "grants", "shape", "max_moves", "expected"), SCENARIOS[:6])
+def test_the_exact_milp_agrees_on_the_scenarios(name, devices, grants, shape, max_moves, expected) -> None:
+    from flexai.sim.defrag_milp import milp_moves
+
+    engine, movable = cluster(devices, grants)
+    request = Request(device_count=shape[0], share_milli=shape[1], cpu_milli=1000, host_memory_mib=1024)
+    before = snapshot(engine.state)
+    answer = milp_moves(engine, request, movable, max_moves)
+    assert snapshot(engine.state) == before
+    assert answer.optimal, name
+    assert (None if answer.plan is None else len(answer.plan.moves)) == expected[0], name
+    if answer.plan is not None:
+        commit_plan(engine, answer.plan, "new", request)
+        consistent(engine.state)

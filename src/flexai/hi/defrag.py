@@ -354,19 +354,14 @@ def _victim_sets(fit: _NodeFit, request: Request, members: list[_Held], limit: i
             for d in devices:
                 for h in on_device.get(d, []):
                     chosen[h.id] = h
-            victims = list(chosen.values())
-            if not fit.fits_without(victims):
-                # Host resources stand in the way too: add the biggest CPU holders left.
-                for h in sorted(members, key=lambda h: (-h.placement.cpu_milli, -h.placement.host_memory_mib)):
-                    if h.id not in chosen:
-                        victims.append(h)
-                        chosen[h.id] = h
-                        if fit.fits_without(victims):
-                            break
-            key = frozenset(chosen)
-            if len(victims) <= limit and key not in seen and fit.fits_without(victims):
-                seen.add(key)
-                found.append(victims)
+            base = list(chosen.values())
+            if len(base) > limit:
+                continue
+            for victims in _with_host_room(fit, base, [h for h in members if h.id not in chosen], limit):
+                key = frozenset(h.id for h in victims)
+                if key not in seen:
+                    seen.add(key)
+                    found.append(victims)
         found.sort(key=lambda v: (len(v), sum(h.lost_work_s for h in v)))
         return found
     pools = FractionAware._pools(fit, request, members)  # type: ignore[arg-type]
@@ -386,6 +381,25 @@ def _victim_sets(fit: _NodeFit, request: Request, members: list[_Held], limit: i
                     if hits >= MAX_COMBINATIONS_PER_SIZE // 4:
                         break
     found.sort(key=lambda v: (len(v), sum(h.lost_work_s for h in v)))
+    return found
+
+
+def _with_host_room(fit: _NodeFit, base: list[_Held], others: list[_Held], limit: int) -> list[list[_Held]]:
+    """``base`` frees the devices; if the node still lacks CPU or host memory for the request, the smallest
+    sets of ``others`` that free enough besides (several, so that one whose members all fit elsewhere can
+    be found)."""
+    if fit.fits_without(base):
+        return [base]
+    found: list[list[_Held]] = []
+    others = sorted(others, key=lambda h: (h.lost_work_s, -h.placement.cpu_milli, -h.placement.host_memory_mib))
+    for size in range(1, min(len(others), limit - len(base), 3) + 1):
+        for tried, extra in enumerate(combinations(others, size)):
+            if tried >= MAX_COMBINATIONS_PER_SIZE:
+                break
+            if fit.fits_without(base + list(extra)):
+                found.append(base + list(extra))
+        if found:
+            break
     return found
 
 

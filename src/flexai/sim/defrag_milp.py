@@ -33,6 +33,9 @@ class MilpAnswer:
     optimal: bool
     """HiGHS proved the answer optimal on the neighbourhood (or proved there is none)."""
     variables: int
+    viable_nodes: int = 0
+    """Nodes where free plus movable share could hold the request at all (no plan elsewhere): when at most
+    ``hole_nodes``, the neighbourhood holds every possible hole and an optimal answer is exact."""
 
 
 class _Model:
@@ -74,9 +77,10 @@ def milp_moves(
     allowed = engine.feasible_when_empty(effective)
     room = _Room(state, None)
     gathered = _gather(state, room, movable, lost_work_s, allowed)
-    ranked = _rank_hole_nodes(state, effective, gathered)[:hole_nodes]
+    viable = _rank_hole_nodes(state, effective, gathered)
+    ranked = viable[:hole_nodes]
     if not ranked or max_moves <= 0:
-        return MilpAnswer(None, True, 0)
+        return MilpAnswer(None, True, 0, len(viable))
     holes = [node for _, _, node in ranked]
     victims: list[_Held] = [h for n in holes for h in gathered.by_node[n]]
     total_lost = sum(h.lost_work_s for h in victims)
@@ -208,7 +212,7 @@ def milp_moves(
     )
     optimal = result.status in (0, 2)  # 0: optimal, 2: infeasible (proved: no plan on the neighbourhood)
     if result.x is None:
-        return MilpAnswer(None, optimal, count_vars)
+        return MilpAnswer(None, optimal, count_vars, len(viable))
     x = np.round(result.x).astype(int)
     node = next(n for n in holes if x[z[n]])
     hole_devices = tuple(d for d in range(int(state.device_count[node])) if k and x[h[node, d]])
@@ -222,4 +226,5 @@ def milp_moves(
         p = v.placement
         target = Placement(target_node, devices, p.share_milli, p.device_memory_mib, p.cpu_milli, p.host_memory_mib)
         moves.append(Move(v.id, v.request, p, target))
-    return MilpAnswer(MovePlan(tuple(moves), Placement.for_request(effective, node, hole_devices)), optimal, count_vars)
+    plan = MovePlan(tuple(moves), Placement.for_request(effective, node, hole_devices))
+    return MilpAnswer(plan, optimal, count_vars, len(viable))
