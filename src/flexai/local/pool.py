@@ -17,8 +17,10 @@ which order, what backfills, what is preempted and what each queue may use is de
 
 Time-sharing (``flexai.hi.timeshare``, on unless ``PoolConfig.timeshare`` is off): each tick the pool tells Hi
 how busy each device is and how much memory its owners hold (``observe_devices``: the backend's utilisation and
-used memory, less what the guests use); a device that cannot tell how busy it is counts as busy and never takes
-guests. Hi's decisions for guests (``low`` jobs on share granted to others but idle) are carried out as:
+used memory, less what the guests use: their per-process utilisation where the backend tells it, NVML's
+``nvmlDeviceGetProcessUtilization``, so that a guest's own load does not pause it); a device that cannot tell
+how busy it is counts as busy and never takes guests. Hi's decisions for guests (``low`` jobs on share granted
+to others but idle) are carried out as:
 
 - ``Start(opportunistic=True)``: the job starts on the guest placement (its memory quota is the placement's),
   recorded ``opportunistic`` so that a restarted daemon adopts it again as a guest (``hi.adopt_guest``);
@@ -201,6 +203,8 @@ class Pool:
         self._memory_read: set[int] = set()
         """Devices whose per-process memory the last reading could tell."""
         self._utilisation_read_at = float("-inf")
+        self._guest_busy_pct: dict[int, float] = {}
+        """Per device: the running guests' own utilisation (where the backend tells per process), not the owners'."""
         self._owner_memory_fallback_mib: dict[int, int] = {}
         """Per device: the owners' memory as last read (kept while a reading cannot tell; the device's whole memory
         until one could, so that no guest starts where memory is unknown)."""
@@ -795,6 +799,33 @@ class Pool:
             found = []
         self._utilisation_pct = {d.index: d.utilisation_pct for d in found}
         self._device_memory_used_mib = {d.index: d.memory_used_mib for d in found}
+        self._guest_busy_pct = self._read_guest_utilisation()
+
+    def _read_guest_utilisation(self) -> dict[int, float]:
+        """Per device: how busy its running (not paused) time-sharing guests keep it themselves, where the backend
+        tells per process (``process_utilisation_pct``: NVML's per-process utilisation, or the sim backend's
+        script). Devices it cannot tell for are left out (their whole utilisation counts as the owners')."""
+        read = getattr(self.backend, "process_utilisation_pct", None)
+        guests = {j: g for j, g in self.hi.guests.items() if not g.paused and j in self._running}
+        if read is None or not guests:
+            return {}
+        session_of = {self._running[j].record.pid: j for j in guests if self._running[j].record.pid}
+        devices = {
+            self.group_devices[g.placement.node_index][local].index
+            for g in guests.values()
+            for local in g.placement.device_indices
+        }
+        found: dict[int, float] = {}
+        for device in sorted(devices):
+            try:
+                per_process = read(device)
+            except Exception:  # noqa: BLE001  (a failed reading: the device's whole utilisation counts as the owners')
+                continue
+            for pid, pct in (per_process or {}).items():
+                ids = process_group_and_session(pid)
+                if ids is not None and ids[1] in session_of:
+                    found[device] = found.get(device, 0.0) + float(pct)
+        return found
 
     def _timesharing_may_act(self) -> bool:
         """A guest runs, or ``low`` work waits that might start as one."""
@@ -803,7 +834,8 @@ class Pool:
         return bool(self.hi.guests) or any(i.priority_class is PriorityClass.LOW for i in self.hi.pending.values())
 
     def _observe_devices(self) -> None:
-        """Tell Hi what the devices do (time-sharing): the owners' utilisation and the memory they hold, which is
+        """Tell Hi what the devices do (time-sharing): the owners' utilisation, which is the device's less what its
+        running guests use themselves where the backend tells per process, and the memory they hold, which is
         the device's memory in use less the guests' (their measured use, or their quota where it cannot be read).
         A device that cannot tell how busy it is counts as fully busy."""
         guest_mib: dict[int, int] = {}
@@ -819,6 +851,8 @@ class Pool:
         for node_index, group in enumerate(self.group_devices):
             for local, device in enumerate(group):
                 pct = self._utilisation_pct.get(device.index)
+                if pct is not None:  # a guest's own load is not its owners' busy time
+                    pct = max(0.0, pct - self._guest_busy_pct.get(device.index, 0.0))
                 busy[node_index, local] = 1.0 if pct is None else pct / 100.0
                 used = self._device_memory_used_mib.get(device.index)
                 if used is not None:

@@ -6,7 +6,8 @@ backend then steps aside with the reason. Tests pass a fake module as ``nvml``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -24,6 +25,11 @@ from flexai.node.devices import (
 
 _NOT_SUPPORTED = 3  # NVML_ERROR_NOT_SUPPORTED: the query does not apply to this device; not a fault
 _NO_PERMISSION = 4  # NVML_ERROR_NO_PERMISSION: the tool cannot tell, the device may be fine
+_NOT_FOUND = 6  # NVML_ERROR_NOT_FOUND: from nvmlDeviceGetProcessUtilization, no sample newer than the time asked
+_SUCCESS = 0  # nvidia-ml-py raises NVMLError(NVML_SUCCESS) when the size query finds no sample at all
+PROCESS_UTILISATION_WINDOW_S = 1.0
+"""Per-process utilisation averages NVML's samples of this last stretch (about what ``nvmlDeviceGetUtilizationRates``
+covers: its sample period is 1/6 s to 1 s)."""
 
 
 def short_model_name(name: str) -> str:
@@ -44,13 +50,16 @@ def _ceil_mib(n_bytes: int) -> int:
 
 
 class NvidiaBackend(DeviceBackend):
-    """Reads UUID, name, memory, utilisation and per-process memory of each GPU from NVML."""
+    """Reads UUID, name, memory, utilisation, per-process memory and per-process utilisation of each GPU from
+    NVML."""
 
     name = "nvidia"
     visibility_variable = "CUDA_VISIBLE_DEVICES"
 
-    def __init__(self, nvml: ModuleType | Any | None = None) -> None:
+    def __init__(self, nvml: ModuleType | Any | None = None, clock: Callable[[], float] = time.time) -> None:
         self._nvml = nvml
+        self._clock = clock
+        """Wall-clock seconds (NVML's process samples carry CPU timestamps in microseconds since the epoch)."""
         self._started = False
         self._why_not = ""
 
@@ -138,6 +147,47 @@ class NvidiaBackend(DeviceBackend):
                 continue
             used[int(process.pid)] = used.get(int(process.pid), 0) + _ceil_mib(n_bytes)
         return used
+
+    def process_utilisation_pct(
+        self, device: int | DeviceInfo, window_s: float = PROCESS_UTILISATION_WINDOW_S
+    ) -> dict[int, float] | None:
+        """How busy each process keeps one GPU now (pid -> percent of the SMs, its latest NVML sample of the last
+        ``window_s``), from ``nvmlDeviceGetProcessUtilization``; a process without a sample there is idle (left
+        out). None where the device cannot tell (not supported, no permission, an nvidia-ml-py without the call).
+
+        The pool subtracts its time-sharing guests' figures from the device's utilisation, so that a guest's own
+        load does not count as its owners' busy time."""
+        nvml = self._lib()
+        index = index_of(device)
+        since_us = max(0, int((self._clock() - window_s) * 1_000_000))
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            read = nvml.nvmlDeviceGetProcessUtilization
+        except AttributeError:
+            return None
+        except nvml.NVMLError as exc:
+            raise DiscoveryError(f"NVML could not find GPU {index}: {one_line(exc)}") from exc
+        try:
+            samples = read(handle, since_us)
+        except nvml.NVMLError as exc:
+            code = _code(exc)
+            if code in (_NOT_FOUND, _SUCCESS):
+                return {}  # no process used the GPU in the window
+            if code in (_NOT_SUPPORTED, _NO_PERMISSION):
+                return None
+            raise DiscoveryError(
+                f"NVML could not read per-process utilisation of GPU {index}: {one_line(exc)}"
+            ) from exc
+        latest: dict[int, tuple[int, float]] = {}
+        for sample in samples or ():
+            stamp = int(getattr(sample, "timeStamp", 0) or 0)
+            sm = getattr(sample, "smUtil", None)
+            if stamp <= since_us or sm is None or not 0 <= int(sm) <= 100:
+                continue  # older than asked, or unsupported (read as 0xFFFFFFFF on some drivers)
+            pid = int(sample.pid)
+            if pid not in latest or stamp >= latest[pid][0]:
+                latest[pid] = (stamp, float(sm))
+        return {pid: pct for pid, (_, pct) in latest.items()}
 
     def visibility_env(self, indices: Sequence[int], uuids: Sequence[str]) -> dict[str, str]:
         """UUIDs, not indices: CUDA orders devices fastest-first, NVML by PCI bus, so indices can disagree."""

@@ -18,7 +18,11 @@ still cannot tell), in one of two forms per device::
 ``memory_used_mib`` is the device's whole memory in use (what NVML calls *used*: every process, the pool's jobs
 included); it replaces the sum of the memory file's processes for that device, whose per-process figures stay
 what ``process_memory_mib`` answers. Either key may be left out. The pool's time-sharing tests script an owner's
-busy and idle periods and its memory growth with it.
+busy and idle periods and its memory growth with it. A third key scripts how busy each process keeps the device
+(what ``process_utilisation_pct`` answers, as NVML's per-process utilisation does; a device without it cannot
+tell)::
+
+    {"0": {"utilisation_pct": 60, "process_utilisation_pct": {"4242": 55}}}
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ class SimBackend(DeviceBackend):
 
     def devices(self) -> list[DeviceInfo]:
         usage = self._usage()
-        busy, used = self._utilisation()
+        busy, used, _ = self._utilisation()
         return [
             DeviceInfo(
                 vendor="sim",
@@ -108,16 +112,25 @@ class SimBackend(DeviceBackend):
         check_same_length(indices, uuids)
         return joined_visibility(self.visibility_variable, indices, "index")
 
-    def _utilisation(self) -> tuple[dict[int, float], dict[int, int]]:
-        """(device index -> percent, device index -> MiB in use) from the utilisation file; empty when none is
-        named."""
+    def process_utilisation_pct(self, device: int | DeviceInfo) -> dict[int, float] | None:
+        """pid -> percent busy on one device, as the utilisation file scripts it; None (cannot tell) where it does
+        not."""
+        index = index_of(device)
+        if not 0 <= index < len(self._devices):
+            raise DiscoveryError(f"sim device {index} is not present (spec {self.spec!r} has {len(self._devices)})")
+        found = self._utilisation()[2].get(index)
+        return None if found is None else dict(found)
+
+    def _utilisation(self) -> tuple[dict[int, float], dict[int, int], dict[int, dict[int, float]]]:
+        """(device index -> percent, device index -> MiB in use, device index -> pid -> percent) from the
+        utilisation file; empty when none is named."""
         named = os.environ.get(UTILISATION_FILE_ENV, "")
         if not named:
-            return {}, {}
+            return {}, {}, {}
         where = f"{UTILISATION_FILE_ENV}={named!r}"
         form = (
-            'use {"DEVICE_INDEX": PERCENT} or {"DEVICE_INDEX": {"utilisation_pct": PERCENT, "memory_used_mib": MiB}}'
-            " with PERCENT in 0..100"
+            'use {"DEVICE_INDEX": PERCENT} or {"DEVICE_INDEX": {"utilisation_pct": PERCENT, "memory_used_mib": MiB,'
+            ' "process_utilisation_pct": {"PID": PERCENT}}} with PERCENT in 0..100'
         )
         try:
             with open(named, encoding="utf-8") as file:
@@ -128,10 +141,11 @@ class SimBackend(DeviceBackend):
             raise DiscoveryError(f"{where} holds {type(data).__name__}, not an object: {form}")
         busy: dict[int, float] = {}
         used: dict[int, int] = {}
+        processes: dict[int, dict[int, float]] = {}
         for key, value in data.items():
             index = _key(key, where, form, "device index")
             if isinstance(value, dict):
-                unknown = sorted(set(value) - {"utilisation_pct", "memory_used_mib"})
+                unknown = sorted(set(value) - {"utilisation_pct", "memory_used_mib", "process_utilisation_pct"})
                 if unknown:
                     raise DiscoveryError(f"{where}: device {key} has unknown key {unknown[0]!r}: {form}")
                 memory = value.get("memory_used_mib")
@@ -141,13 +155,22 @@ class SimBackend(DeviceBackend):
                             f"{where}: device {key} uses {memory!r} MiB, not a whole number >= 0: {form}"
                         )
                     used[index] = memory
+                scripted = value.get("process_utilisation_pct")
+                if scripted is not None:
+                    if not isinstance(scripted, dict):
+                        raise DiscoveryError(f"{where}: device {key} process_utilisation_pct is not an object: {form}")
+                    processes[index] = {}
+                    for pid, pct in scripted.items():
+                        if isinstance(pct, bool) or not isinstance(pct, int | float) or not 0 <= pct <= 100:
+                            raise DiscoveryError(f"{where}: device {key} pid {pid} is {pct!r} busy: {form}")
+                        processes[index][_key(pid, where, form, "pid")] = float(pct)
                 value = value.get("utilisation_pct")
                 if value is None:
                     continue
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
                 raise DiscoveryError(f"{where}: device {key} is {value!r} busy: {form}")
             busy[index] = float(value)
-        return busy, used
+        return busy, used, processes
 
     def _usage(self) -> dict[int, dict[int, int]]:
         """Device index -> pid -> MiB from the memory file; {} when no file is named."""
