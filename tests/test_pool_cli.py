@@ -203,3 +203,48 @@ def test_since_takes_a_duration(value: str, seconds_ago: int) -> None:
 
 def test_since_takes_an_iso_time() -> None:
     assert pool_cmds.parse_since("2025-06-01T12:00:00+00:00") == 1748779200.0
+
+
+# ---------------------------------------------------------------------------------------------- leases in ps
+def test_ps_shows_a_lease_and_its_client_beside_the_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = {
+        "device_count": 1,
+        "share_milli": 500,
+        "memory_mib": 0,
+        "priority": 0,
+        "priority_class": "normal",
+        "queue": "default",
+        "state": "running",
+        "slices": [{"device": 0}],
+        "reason": "",
+    }
+    listed = [
+        {**base, "id": "a" * 12, "name": "train", "kind": "job"},
+        {
+            **base,
+            "id": "b" * 12,
+            "name": "lease@10.0.0.7",
+            "kind": "lease",
+            "lease": {
+                "id": "L1",
+                "state": "ready",
+                "client": "10.0.0.7:51234",
+                "calls": 12,
+                "bytes_in": 1,
+                "bytes_out": 2,
+            },
+        },
+        {**base, "id": "c" * 12, "name": "lease@local", "kind": "lease", "lease": {"client": "", "calls": 0}},
+        {**base, "id": "d" * 12, "name": "old"},  # a daemon without leases: no kind
+    ]
+    monkeypatch.setattr(pool_cmds.PoolClient, "__init__", lambda self, state: None)
+    monkeypatch.setattr(pool_cmds.PoolClient, "call", lambda self, method, path, *a, **k: listed)
+    monkeypatch.setattr(pool_cmds.out, "width", 250)  # one line per row
+    result = CliRunner().invoke(app, ["ps"], catch_exceptions=False)
+    assert result.exit_code == 0
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.stdout.splitlines() if "│" in line
+    }
+    assert rows["a" * 12] == "train" and rows["d" * 12] == "old"
+    assert rows["b" * 12] == "lease@10.0.0.7 (lease, client 10.0.0.7:51234, 12 calls)"
+    assert rows["c" * 12] == "lease@local (lease, no client yet)"

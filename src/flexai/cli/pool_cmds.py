@@ -376,10 +376,19 @@ def _remote_settings(
 
         server_context(str(cert), str(key), str(client_ca) if client_ca else None)
     except (OSError, ssl.SSLError) as exc:
-        fail(f"--tls-cert={str(cert)!r} --tls-key={str(key)!r} --client-ca={client_ca and str(client_ca)!r} cannot "
-             f"be loaded: {exc}")
-    return RemoteSettings(host.strip("[]"), int(port), str(cert), str(key), str(client_ca) if client_ca else None,
-                          tuple(allow), ttl_s=_lease_ttl_s())
+        fail(
+            f"--tls-cert={str(cert)!r} --tls-key={str(key)!r} --client-ca={client_ca and str(client_ca)!r} cannot "
+            f"be loaded: {exc}"
+        )
+    return RemoteSettings(
+        host.strip("[]"),
+        int(port),
+        str(cert),
+        str(key),
+        str(client_ca) if client_ca else None,
+        tuple(allow),
+        ttl_s=_lease_ttl_s(),
+    )
 
 
 def _lease_ttl_s() -> float:
@@ -481,8 +490,22 @@ def ps(state: StateOption = None, as_json: JsonOption = False) -> None:
         )
         shown = j.get("priority_class", "normal") + (f":{j['priority']}" if j["priority"] else "")
         queue = [j.get("queue", "")] if with_queue else []
-        table.add_row(*map(text, (j["id"], j["name"], shown_state, shown, *queue, request, slices, j["reason"])))
+        table.add_row(*map(text, (j["id"], _job_name(j), shown_state, shown, *queue, request, slices, j["reason"])))
     out.print(table)
+
+
+def _job_name(job: dict[str, Any]) -> str:
+    """The name, and for a remote XPU lease its kind and client: "lease@10.0.0.7 (lease, client 10.0.0.7:51234,
+    12 calls)"."""
+    if job.get("kind") != "lease":
+        return str(job["name"])
+    lease = job.get("lease") or {}
+    client = lease.get("client") or ""
+    calls = lease.get("calls")
+    detail = f"client {client}" if client else "no client yet"
+    if calls:
+        detail += f", {calls} call" + ("s" if calls != 1 else "")
+    return f"{job['name']} (lease, {detail})"
 
 
 def _devices(milli: int | None) -> str:
