@@ -8,7 +8,10 @@ the run (flexai-bA, flexai-bB) joined by a veth pair shaped with ``tc tbf`` to R
 worker runs in B, the measuring client in A; both are deleted afterwards. Every remote call goes over TLS 1.3.
 
 Figures (JSON keys as the issue fixes them):
-- link_gbps: plain TCP bulk throughput on the same link, measured just before the run;
+- link_gbps: plain TCP bulk throughput on the same link, in the client-to-worker direction, measured just
+  before each throughput figure with the same number of bytes (the top-level figure is the one before 64 MiB);
+  throughput[size] also carries that link_gbps and tls_stream_gbps, a bare stream of Python's ssl with the same
+  bytes (the ceiling of any TLS transport written with it on this machine at that moment);
 - rtt_us: median plain TCP round trip of one byte on the link;
 - local_call_us / remote_4k_us: a call with a 4 KiB array in and out, as a Python call here and remotely;
 - throughput: uploads of 1 MiB (8 pipelined) and 64 MiB arrays to a resident object, and link_fraction =
@@ -122,31 +125,45 @@ def start_worker(folder: Path, host: str, cert: str, key: str, ns: str | None, t
 
 
 # ------------------------------------------------------------------ plain TCP: the link itself
-def tcp_sink(host: str, port: int) -> None:
-    """Accepts connections; echoes 1-byte pings, swallows bulk data (run on the worker's side of the link)."""
+def tcp_sink(host: str, port: int, cert: str | None = None, key: str | None = None) -> None:
+    """Accepts connections; echoes 1-byte pings, swallows bulk data (run on the worker's side of the link). A
+    connection that starts with b"t" is bulk data over TLS (the bare TLS stream, for comparison)."""
     server = socket.create_server((host, port), reuse_port=True)
     while True:
         conn, _ = server.accept()
-        threading.Thread(target=_sink_one, args=(conn,), daemon=True).start()
+        threading.Thread(target=_sink_one, args=(conn, cert, key), daemon=True).start()
 
 
-def _sink_one(conn: socket.socket) -> None:
+def _sink_one(conn: socket.socket, cert: str | None, key: str | None) -> None:
     with conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         mode = conn.recv(1)
+        if mode == b"t" and cert and key:
+            from flexai.remote.auth import server_context
+
+            conn = server_context(cert, key).wrap_socket(conn, server_side=True)  # noqa: PLW2901
+            mode = b"b"
         buffer = bytearray(1 << 20)
         if mode == b"p":
             while conn.recv(1):
                 conn.sendall(b"p")
-        else:
+        else:  # bulk: an 8-byte length, then that many bytes; the answer is the count received
+            want = int.from_bytes(_recv_exact(conn, 8), "big")
             total = 0
-            while n := conn.recv_into(buffer):
+            while total < want and (n := conn.recv_into(buffer, min(len(buffer), want - total))):
                 total += n
             conn.sendall(str(total).encode())
 
 
-def measure_link(host: str, port: int, seconds: float = 3.0) -> tuple[float, float]:
-    """(rtt_us, gbps) of plain TCP to the sink."""
+def _recv_exact(conn: Any, n: int) -> bytes:
+    data = b""
+    while len(data) < n and (chunk := conn.recv(n - len(data))):
+        data += chunk
+    return data
+
+
+def measure_rtt(host: str, port: int) -> float:
+    """Median plain TCP round trip (us) of one byte to the sink."""
     with socket.create_connection((host, port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(b"p")
@@ -156,26 +173,37 @@ def measure_link(host: str, port: int, seconds: float = 3.0) -> tuple[float, flo
             sock.sendall(b"x")
             sock.recv(1)
             times.append(time.perf_counter() - start)
-    rtt_us = statistics.median(times) * 1e6
+    return statistics.median(times) * 1e6
+
+
+def measure_stream(host: str, port: int, nbytes: int, ca: str | None = None) -> float:
+    """Gbit/s of ``nbytes`` sent to the sink in the client's direction (as the uploads measured): plain TCP, or
+    with ``ca`` a bare TLS stream (Python's ``ssl``, the same context as the client's) without any framing."""
     chunk = memoryview(bytearray(4 << 20))
-    with socket.create_connection((host, port)) as sock:
-        sock.sendall(b"b")
+    with socket.create_connection((host, port)) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.sendall(b"t" if ca else b"b")
+        sock: Any = raw
+        if ca:
+            from flexai.remote.auth import client_context
+
+            sock = client_context(ca).wrap_socket(raw, server_hostname=host)
         sent = 0
         start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            sock.sendall(chunk)
-            sent += len(chunk)
-        sock.shutdown(socket.SHUT_WR)
+        sock.sendall(nbytes.to_bytes(8, "big"))
+        while sent < nbytes:
+            sock.sendall(chunk[: min(len(chunk), nbytes - sent)])
+            sent += min(len(chunk), nbytes - sent)
         received = int(sock.recv(64))
         elapsed = time.perf_counter() - start
-    return rtt_us, received * 8 / elapsed / 1e9
+    return received * 8 / elapsed / 1e9
 
 
 # ------------------------------------------------------------------ the client's measurements
 def client_run(host: str, port: int, lease: str, token: str, ca: str, calls: int) -> dict[str, Any]:
     from flexai.remote import connect
 
-    rtt_us, link_gbps = measure_link(host, SINK_PORT)
+    rtt_us = measure_rtt(host, SINK_PORT)
     session = connect(f"tls://{host}:{port}", lease, token, ca=ca)
     net = session.create("remote:bench")
     local = Bench()
@@ -191,7 +219,13 @@ def client_run(host: str, port: int, lease: str, token: str, ca: str, calls: int
         net.call("echo", x4k)
         remote_s.append(time.perf_counter() - start)
     throughput = {}
+    links, tls_streams = [], []
     for label, nbytes, count, depth in (("1MiB", 1 << 20, 400, 8), ("64MiB", 64 << 20, 8, 2)):
+        # The link just before, the same bytes in the same direction: plain TCP (the link) and a bare TLS
+        # stream (what Python's ssl alone moves here: the ceiling of any TLS transport written with it).
+        link_gbps = measure_stream(host, SINK_PORT, nbytes * count)
+        links.append(link_gbps)
+        tls_streams.append(measure_stream(host, SINK_PORT, nbytes * count, ca))
         data = np.ones(nbytes, np.uint8)
         net.call("size", data)
         start = time.perf_counter()
@@ -203,7 +237,8 @@ def client_run(host: str, port: int, lease: str, token: str, ca: str, calls: int
         for future in inflight:
             future.result()
         gbps = nbytes * count * 8 / (time.perf_counter() - start) / 1e9
-        throughput[label] = {"gbps": round(gbps, 3), "link_fraction": round(gbps / link_gbps, 3)}
+        throughput[label] = {"gbps": round(gbps, 3), "link_fraction": round(gbps / link_gbps, 3),
+                             "link_gbps": round(link_gbps, 3), "tls_stream_gbps": round(tls_streams[-1], 3)}
     iterations = 1
     while True:  # about 1 s of work
         start = time.perf_counter()
@@ -223,7 +258,7 @@ def client_run(host: str, port: int, lease: str, token: str, ca: str, calls: int
     session.close()
     return {
         "rtt_us": round(rtt_us, 1),
-        "link_gbps": round(link_gbps, 3),
+        "link_gbps": round(links[-1], 3),
         "local_call_us": percentiles(local_s),
         "remote_4k_us": percentiles(remote_s),
         "throughput": throughput,
@@ -279,10 +314,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--calls", type=int, default=3000, help="4 KiB calls timed")
     parser.add_argument("--client", nargs=5, metavar=("HOST", "PORT", "LEASE", "TOKEN", "CA"), help=argparse.SUPPRESS)
-    parser.add_argument("--sink", metavar="HOST", help=argparse.SUPPRESS)
+    parser.add_argument("--sink", nargs=3, metavar=("HOST", "CERT", "KEY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink:
-        tcp_sink(args.sink, SINK_PORT)
+        tcp_sink(args.sink[0], SINK_PORT, args.sink[1], args.sink[2])
         return
     if args.client:
         host, port, lease, token, ca = args.client
@@ -304,7 +339,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="flexai-bench-") as tmp:
             folder = Path(tmp)
             cert, key = make_cert(folder, host)
-            sink = subprocess.Popen([*ns_prefix(ns_worker), *here, "--sink", host], env=env)
+            sink = subprocess.Popen([*ns_prefix(ns_worker), *here, "--sink", host, cert, key], env=env)
             processes.append(sink)
             time.sleep(0.5)
             spec, worker, _, port = start_worker(folder / "main", host, cert, key, ns_worker, ttl_s=2.0)

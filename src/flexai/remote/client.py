@@ -8,10 +8,13 @@ with remote.lease(share="10%", memory="4GiB") as xpu:
     h = net.call("encode", batch, keep=True)     # stays on the slice; pass h to later calls
 ```
 
-A ``Session`` is one authenticated connection to a lease's worker: a reader thread resolves the futures of
-calls in flight (several may be; ``call_async``), a heartbeat thread pings every ``heartbeat_s`` and declares the
-worker lost when nothing came back for three periods. A reset or end of stream fails every call in flight at
-once with ``WorkerLostError``; nothing is retried.
+A ``Session`` is one authenticated connection to a lease's worker; several calls may be in flight
+(``call_async``). A thread waiting for a result reads the connection itself (one at a time; the answers it reads
+for others' calls resolve their futures), so a call's answer reaches its caller with no hand-over between
+threads. When nobody has waited for ``IDLE_READ_S``, a background reader takes over (pongs, answers nobody waits
+for yet, the end of the stream). A heartbeat thread pings every ``heartbeat_s`` and declares the worker lost when
+nothing came back for three periods. A reset or end of stream fails every call in flight at once with
+``WorkerLostError``; nothing is retried.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import select
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
@@ -39,7 +44,7 @@ from flexai.remote.errors import (
     WorkerLostError,
     error_from_wire,
 )
-from flexai.remote.wire import Limits, Ref, encode_tree, recv_frame, send_frame
+from flexai.remote.wire import Frame, FrameReader, Limits, Ref, encode_tree, send_frame
 
 HEARTBEAT_S = 0.5
 MISSED_HEARTBEATS = 3
@@ -47,6 +52,10 @@ CONNECT_TIMEOUT_S = 10.0
 LEASE_WAIT_S = 60.0
 CLIENT_LIMITS = Limits(max_header_bytes=64 << 20, max_payload_bytes=64 << 30, max_buffers=1 << 20, max_items=1 << 22)
 """What the client accepts from its worker: generous, but still bounded."""
+WAIT_SLICE_S = 0.25
+IDLE_READ_S = 0.01
+"""The background reader reads only when no caller has waited for a result this long (callers read for
+themselves: handing each answer from a reader thread to its caller cost a thread switch per call)."""
 
 
 class RemoteFuture(Future):
@@ -66,6 +75,8 @@ class RemoteFuture(Future):
 
     def result(self, timeout: float | None = None) -> Any:
         try:
+            if not self.done():
+                timeout = self.session._wait(self, timeout)
             return super().result(timeout)
         except FutureTimeout:
             self.cancel()
@@ -117,6 +128,9 @@ class RemoteObject:
 
 
 def _has_torch(*values: Any) -> bool:
+    if "torch" not in sys.modules:  # no tensor can be among them
+        return False
+
     def walk(v: Any) -> bool:
         if type(v).__module__.split(".")[0] == "torch":
             return True
@@ -152,16 +166,38 @@ class Session:
         self.closed = False
         self.failure: RemoteError | None = None
         self.bytes_out = 0
+        self._frames = FrameReader(sock)
+        role_lock = threading.Lock()
+        self._role = threading.Condition(role_lock)
+        """Waiters for the reading role (or for their futures) wait here."""
+        self._idle = threading.Condition(role_lock)
+        """The background reader waits here (apart, so that the callers' turns do not wake it each time)."""
+        self._reading = False
+        """A thread is reading the connection (only one may)."""
+        self._waiting = 0
+        """Threads in ``RemoteFuture.result`` (they read for themselves)."""
+        self._last_wait = 0.0
+        self._idle_polling = False
+        """The background reader holds the reading role and waits in ``poll`` (a caller wakes it to take over)."""
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         sock.settimeout(CONNECT_TIMEOUT_S)
         self._send({"op": "hello", "id": 0, "token": token})
         try:
-            answer = recv_frame(sock, CLIENT_LIMITS)
+            answer = self._frames.read_frame(CLIENT_LIMITS)
         except (ConnectionError, OSError) as exc:
+            self._close_pipe()
             raise WorkerLostError(f"the worker of lease {lease_id} closed the connection during hello: {exc}") from None
         if answer.header.get("op") != "ok":
+            self._close_pipe()
             raise error_from_wire(answer.header.get("kind"), answer.header.get("message"))
         self.worker_pid = answer.header.get("pid")
         sock.settimeout(None)
+        self._poller = select.poll()  # the reading role's holder alone uses it
+        self._poller.register(sock, select.POLLIN)
+        self._idle_poller = select.poll()  # the background reader's
+        self._idle_poller.register(sock, select.POLLIN)
+        self._idle_poller.register(self._wake_r, select.POLLIN)
         self.last_heard = time.monotonic()
         self._reader = threading.Thread(target=self._read_loop, name="flexai-remote-reader", daemon=True)
         self._reader.start()
@@ -202,42 +238,143 @@ class Session:
     def _heard(self) -> None:
         self.last_heard = time.monotonic()
 
-    def _read_loop(self) -> None:
-        """Owns the socket's end: it alone closes it, when it leaves (see ``_fail``)."""
+    def _wait(self, future: RemoteFuture, timeout: float | None) -> float | None:
+        """Read the connection until ``future`` is resolved (or ``timeout`` passes); returns the time left."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        role = self._role
+        with role:
+            self._waiting += 1
         try:
-            self._read_frames()
+            while not future.done() and not self.closed:
+                with role:
+                    while self._reading and not future.done():
+                        if self._idle_polling:  # the background reader waits in poll: make it let go
+                            self._idle_polling = False
+                            self._wake()
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            return 0
+                        role.wait(left)
+                    if future.done() or self.closed:
+                        break
+                    self._reading = True
+                try:
+                    # In slices: a future resolved meanwhile by another thread (a cancel) is seen within one.
+                    self._read_one(time.monotonic() + WAIT_SLICE_S if deadline is None else deadline)
+                finally:
+                    with role:
+                        self._reading = False
+                        role.notify_all()
+                if deadline is not None and time.monotonic() >= deadline:
+                    return 0
         finally:
-            with self._send_lock:
-                self.sock.close()
+            with role:
+                self._waiting -= 1
+                self._last_wait = time.monotonic()
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
 
-    def _read_frames(self) -> None:
+    def _readable(self, timeout: float | None, wake: bool = False) -> bool:
+        """Whether a frame's bytes are there to read (waiting up to ``timeout``; ``wake``: or the wake pipe)."""
+        if self._frames.buffered() or (hasattr(self.sock, "pending") and self.sock.pending()):
+            return True
+        poller = self._idle_poller if wake else self._poller
+        events = poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
+        readable = False
+        for fd, _ in events:
+            if fd == self._wake_r:
+                try:
+                    os.read(self._wake_r, 64)
+                except OSError:
+                    pass
+            else:
+                readable = True
+        return readable
+
+    def _read_one(self, deadline: float | None) -> None:
+        """Read and handle one frame if one comes before ``deadline`` (the caller holds the reading role)."""
         try:
-            while True:
-                frame = recv_frame(self.sock, CLIENT_LIMITS, self._heard)
-                self._heard()
-                header = frame.header
-                op = header.get("op")
-                if op == "pong":
-                    continue
-                call_id = header.get("id")
-                if op == "error" and call_id is None:  # about the connection, not one call
-                    self._fail(error_from_wire(header.get("kind"), header.get("message"), header.get("type")))
-                    return
-                with self._lock:
-                    future = self._pending.pop(call_id, None) if isinstance(call_id, int) else None
-                if future is None or future.done():
-                    continue  # cancelled meanwhile
-                if op == "result":
-                    _settle(future, result=self._decode(frame.value, future.torch_out))
-                else:
-                    error = error_from_wire(header.get("kind"), header.get("message"), header.get("type"))
-                    _settle(future, error=error)
+            if not self._readable(None if deadline is None else deadline - time.monotonic()) or self.closed:
+                return
+            frame = self._frames.read_frame(CLIENT_LIMITS, self._heard)
+            self._heard()
+            self._handle(frame)
         except RemoteError as exc:
             self._fail(exc)
         except (ConnectionError, OSError, ValueError) as exc:
             self._fail(WorkerLostError(f"the worker of lease {self.lease_id} is gone: {exc or type(exc).__name__}"))
 
+    def _read_loop(self) -> None:
+        """The background reader: reads when no caller does. It closes the socket when the session ends (nobody
+        reads it then; see ``_fail``)."""
+        role = self._role
+        try:
+            while True:
+                with role:
+                    while not self.closed and (
+                        self._reading or self._waiting or time.monotonic() - self._last_wait < IDLE_READ_S
+                    ):
+                        self._idle.wait(IDLE_READ_S)
+                    if self.closed:
+                        break
+                    self._reading = True
+                    self._idle_polling = True
+                try:
+                    if self._readable(None, wake=True):
+                        with role:
+                            self._idle_polling = False
+                        if not self.closed:
+                            self._read_one(time.monotonic() + 3600)
+                finally:
+                    with role:
+                        self._reading = False
+                        self._idle_polling = False
+                        role.notify_all()
+        finally:
+            with role:
+                while self._reading:
+                    role.wait(0.1)
+                self._reading = True  # for good: the socket is closed
+            with self._send_lock:
+                self.sock.close()
+            self._close_pipe()
+
+    def _wake(self) -> None:
+        """Wake the background reader out of ``poll`` (the caller holds ``_role``'s lock)."""
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"w")
+            except OSError:
+                pass
+
+    def _close_pipe(self) -> None:
+        with self._role:
+            fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+    def _handle(self, frame: Frame) -> None:
+        header = frame.header
+        op = header.get("op")
+        if op == "pong":
+            return
+        call_id = header.get("id")
+        if op == "error" and call_id is None:  # about the connection, not one call
+            self._fail(error_from_wire(header.get("kind"), header.get("message"), header.get("type")))
+            return
+        with self._lock:
+            future = self._pending.pop(call_id, None) if isinstance(call_id, int) else None
+        if future is None or future.done():
+            return  # cancelled meanwhile
+        if op == "result":
+            _settle(future, result=self._decode(frame.value, future.torch_out))
+        else:
+            _settle(future, error=error_from_wire(header.get("kind"), header.get("message"), header.get("type")))
+
     def _decode(self, value: Any, torch_out: bool) -> Any:
+        kind = type(value)
+        if kind is np.ndarray and not torch_out or kind is str or kind is int or kind is float or value is None:
+            return value
         if isinstance(value, Ref):
             return RemoteObject(self, value.ref)
         if isinstance(value, np.ndarray) and torch_out:
@@ -276,13 +413,18 @@ class Session:
                 self.failure = error
             pending, self._pending = self._pending, {}
         self.closed = True
-        # Shutdown, not close: the reader thread may be inside a read of this socket; it closes it on leaving.
+        # Shutdown, not close: a thread may be inside a read of this socket; the background reader closes it
+        # when it leaves, once nobody reads.
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         for future in pending.values():
             _settle(future, error=error)
+        with self._role:
+            self._role.notify_all()
+            self._idle.notify_all()
+            self._wake()
 
     def close(self) -> None:
         if self.closed:

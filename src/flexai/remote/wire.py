@@ -10,8 +10,10 @@ payload           the buffers, back to back, exactly as in memory (C order)
 
 Sending is scatter-gather: ``socket.sendmsg`` takes the prefix, the header and every array's memory (buffer
 protocol) in one call, so a large array is never copied into a bytes object. Over TLS (``SSLSocket`` has no
-``sendmsg``) small parts are joined and large ones written straight from the array's memory. Receiving reads the
-header, validates it, allocates each array with ``numpy.empty`` and fills it with ``recv_into``.
+``sendmsg``) small parts are joined and large ones written straight from the array's memory. Receiving
+(``FrameReader``) reads into a reusable buffer: one ``recv_into`` usually brings the prefix, the header and small
+payloads of a frame at once. The header is validated, each array allocated (``numpy.empty``, or a recycled block
+of a ``BufferPool`` for large ones) and large payloads are read straight into their arrays with ``recv_into``.
 
 Nothing here unpickles: msgpack extension types are refused, dtypes are limited to booleans, integers, floats
 and complex numbers (no object, string or structured dtype), and every size is bounded (``Limits``) before
@@ -24,6 +26,8 @@ import re
 import socket
 import ssl
 import struct
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,9 +49,15 @@ SMALL_PART_BYTES = 64 * 1024
 SENDMSG_MAX_PARTS = 512
 """Below the kernel's IOV_MAX (1024) with room to spare."""
 RECV_CHUNK_BYTES = 4 << 20
+"""``recv_into`` reads a large buffer in chunks of this size (one system call per chunk)."""
 SEND_CHUNK_BYTES = 4 << 20
 """Large buffers are written in chunks of this size over TLS (each a sign of life for the heartbeat check)."""
-"""``recv_into`` reads a large buffer in chunks of this size (one system call per chunk)."""
+READ_BUFFER_BYTES = 256 * 1024
+"""A ``FrameReader``'s reusable buffer: prefixes, headers and payloads up to ``BUFFERED_PAYLOAD_BYTES`` go
+through it (several frames per system call when they queue up); larger payloads go straight into their arrays."""
+BUFFERED_PAYLOAD_BYTES = 64 * 1024
+POOL_MIN_BYTES = 1 << 20
+"""Arrays of at least this size come from a ``BufferPool`` where the reader has one."""
 
 _DTYPE = re.compile(r"^[<>|=]?(b1|[iu][1248]|f[248]|c(8|16))$")
 ALLOWED_DTYPES = "bool, int8..int64, uint8..uint64, float16/32/64, complex64/128"
@@ -107,9 +117,28 @@ def encode_tree(value: Any, buffers: list[memoryview], ref_of: Callable[[Any], i
     ``ref_of`` turns a client-side handle into its resident object number (None: not a handle)."""
 
     def walk(item: Any, depth: int) -> Any:
+        # The common exact types first (one ``type()`` look-up each); anything else takes the general path.
+        kind = type(item)
+        if kind is str or kind is float or kind is bool or item is None:
+            return item
         if depth > MAX_DEPTH:
             raise TransferError(f"the value nests deeper than {MAX_DEPTH} levels: not allowed")
-        if item is None or isinstance(item, bool | str | float):
+        if kind is np.ndarray:
+            return _encode_array(item, buffers)
+        if kind is Ref:
+            return {"$ref": item.ref}
+        if (kind is list or kind is tuple or kind is dict) and item and depth >= MAX_DEPTH:
+            raise TransferError(f"the value nests deeper than {MAX_DEPTH} levels: not allowed")
+        if kind is list or kind is tuple:
+            return [v if type(v) in _PLAIN else walk(v, depth + 1) for v in item]
+        if kind is dict:
+            out = {}
+            for key, v in item.items():
+                if type(key) is not str or key.startswith("$"):
+                    raise TransferError(f"dict key {key!r} is not allowed: a string not starting with '$'")
+                out[key] = v if type(v) in _PLAIN else walk(v, depth + 1)
+            return out
+        if isinstance(item, bool | str | float):
             return item
         if isinstance(item, int):
             if not -(1 << 63) <= item < (1 << 64):
@@ -126,30 +155,41 @@ def encode_tree(value: Any, buffers: list[memoryview], ref_of: Callable[[Any], i
             return item.item()
         array = item if isinstance(item, np.ndarray) else _torch_to_numpy(item)
         if array is not None:
-            check_dtype(array.dtype)
-            if array.ndim > MAX_NDIM:
-                raise TransferError(f"array of {array.ndim} dimensions is not allowed: at most {MAX_NDIM}")
-            array = np.ascontiguousarray(array)
-            buffers.append(memoryview(array).cast("B") if array.nbytes else memoryview(b""))
-            return {"$buf": len(buffers) - 1, "dtype": array.dtype.str, "shape": list(array.shape)}
+            return _encode_array(array, buffers)
         if isinstance(item, bytes | bytearray | memoryview):
             buffers.append(memoryview(item).cast("B"))
             return {"$bytes": len(buffers) - 1}
         if isinstance(item, list | tuple):
             return [walk(v, depth + 1) for v in item]
         if isinstance(item, dict):
-            out = {}
-            for key, v in item.items():
-                if not isinstance(key, str) or key.startswith("$"):
-                    raise TransferError(f"dict key {key!r} is not allowed: a string not starting with '$'")
-                out[key] = walk(v, depth + 1)
-            return out
+            return walk(dict(item), depth)
         raise TransferError(
             f"a value of type {type(item).__module__}.{type(item).__qualname__} cannot travel: arrays, tensors, "
             "scalars, strings, bytes, lists, dicts and handles can (keep other results resident with keep=True)"
         )
 
     return walk(value, 0)
+
+
+_PLAIN = frozenset({str, float, bool, type(None)})
+"""Exact types that travel as they are (no check, no copy)."""
+
+
+_SENDABLE: dict[np.dtype, str] = {}
+"""dtypes already checked, with their wire names."""
+
+
+def _encode_array(array: np.ndarray, buffers: list[memoryview]) -> dict[str, Any]:
+    name = _SENDABLE.get(array.dtype)
+    if name is None:
+        check_dtype(array.dtype)
+        name = _SENDABLE.setdefault(array.dtype, array.dtype.str)
+    if array.ndim > MAX_NDIM:
+        raise TransferError(f"array of {array.ndim} dimensions is not allowed: at most {MAX_NDIM}")
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    buffers.append(memoryview(array).cast("B") if array.nbytes else memoryview(b""))
+    return {"$buf": len(buffers) - 1, "dtype": name, "shape": list(array.shape)}
 
 
 def pack_header(header: dict[str, Any]) -> bytes:
@@ -165,10 +205,14 @@ def send_frame(
     """Write one frame; returns the bytes written. ``header["bufs"]`` is filled in here. ``progress`` is called
     as large parts go out (the peer taking data is a sign of life while a long send blocks other frames)."""
     buffers = buffers or []
-    header["bufs"] = [b.nbytes for b in buffers]
+    sizes = header["bufs"] = [b.nbytes for b in buffers]
     head = pack_header(header)
-    payload = sum(header["bufs"])
-    parts: list[Any] = [PREFIX.pack(MAGIC, VERSION, 0, len(head), payload), head, *buffers]
+    payload = sum(sizes)
+    prefix = PREFIX.pack(MAGIC, VERSION, 0, len(head), payload)
+    if payload <= SMALL_PART_BYTES:  # a small frame: one write (one TLS record, one segment)
+        sock.sendall(b"".join([prefix, head, *buffers]) if buffers else prefix + head)
+        return PREFIX_BYTES + len(head) + payload
+    parts: list[Any] = [prefix, head, *buffers]
     if isinstance(sock, ssl.SSLSocket):
         _send_tls(sock, parts, progress)
     else:
@@ -257,9 +301,8 @@ def unpack_header(data: bytes | bytearray | memoryview, limits: Limits) -> dict[
     return header
 
 
-def read_prefix(sock: socket.socket, limits: Limits) -> tuple[int, int]:
-    raw = bytearray(PREFIX_BYTES)
-    recv_exact_into(sock, memoryview(raw))
+def check_prefix(raw: bytes | bytearray | memoryview, limits: Limits) -> tuple[int, int]:
+    """(header length, payload length) of a frame's 20-byte prefix, or ``FrameError``."""
     magic, version, flags, header_bytes, payload_bytes = PREFIX.unpack(raw)
     if magic != MAGIC:
         raise FrameError(f"frame magic {bytes(magic)!r} is not allowed: {MAGIC!r}")
@@ -274,38 +317,174 @@ def read_prefix(sock: socket.socket, limits: Limits) -> tuple[int, int]:
     return header_bytes, payload_bytes
 
 
+def read_prefix(sock: socket.socket, limits: Limits) -> tuple[int, int]:
+    raw = bytearray(PREFIX_BYTES)
+    recv_exact_into(sock, memoryview(raw))
+    return check_prefix(raw, limits)
+
+
 def recv_frame(
     sock: socket.socket,
     limits: Limits,
     progress: Callable[[], None] | None = None,
     check: Callable[[dict[str, Any]], None] | None = None,
 ) -> Frame:
-    """Read one frame. A protocol break raises ``FrameError``; a stream that ends raises ``ConnectionError``.
-    ``check`` sees the header before any payload is read or allocated (the token is checked there)."""
+    """Read one frame, not a byte more (``FrameReader`` reads ahead). A protocol break raises ``FrameError``; a
+    stream that ends raises ``ConnectionError``. ``check`` sees the header before any payload is read or
+    allocated (the token is checked there)."""
     header_bytes, payload_bytes = read_prefix(sock, limits)
     head = bytearray(header_bytes)
     recv_exact_into(sock, memoryview(head))
     header = unpack_header(head, limits)
     if check is not None:
         check(header)
+    tree, targets = plan_payload(header, payload_bytes, limits)
+    for target in targets:
+        recv_exact_into(sock, target, progress)
+    return Frame(header, tree, payload_bytes)
+
+
+class BufferPool:
+    """Recycled blocks for large received arrays: a fresh ``numpy.empty`` of many MiB costs page faults (and, with
+    transparent huge pages, compaction) on every frame, which halved the throughput of 64 MiB calls here.
+
+    The pool keeps the blocks it handed out (at most ``max_bytes`` of them) and hands one out again only when
+    nothing but the pool refers to it any more (``sys.getrefcount``): an array that the called code kept (resident,
+    in a result, in a view or in a tensor made from it) keeps its block to itself."""
+
+    def __init__(self, max_bytes: int = 512 << 20, min_bytes: int = POOL_MIN_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.min_bytes = min_bytes
+        self._blocks: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A flat uint8 block of exactly ``nbytes`` (a recycled one when one of that size is free)."""
+        with self._lock:
+            spare = None
+            for block in self._blocks:
+                # References to a free block: the list, ``block`` here and getrefcount's argument.
+                if sys.getrefcount(block) <= 3:
+                    if block.nbytes == nbytes:
+                        return block
+                    spare = block
+            fresh = np.empty(nbytes, np.uint8)
+            total = sum(b.nbytes for b in self._blocks) + nbytes
+            if total > self.max_bytes and spare is not None:  # make room: drop a free block of another size
+                total -= spare.nbytes
+                self._blocks = [b for b in self._blocks if b is not spare]
+            del spare
+            if total <= self.max_bytes:
+                self._blocks.append(fresh)
+            return fresh
+
+
+class FrameReader:
+    """Reads frames from one socket through a reusable buffer (one reader at a time: the caller serialises).
+
+    One ``recv_into`` usually brings a small frame whole (prefix, header and payload), and bytes read past the
+    end of a frame are the start of the next one. Payloads over ``BUFFERED_PAYLOAD_BYTES`` are read straight into
+    their arrays. Nothing is allocated for a payload before its header is validated and ``check`` accepted it."""
+
+    def __init__(self, sock: socket.socket, pool: BufferPool | None = None, size: int = READ_BUFFER_BYTES) -> None:
+        self.sock = sock
+        self.pool = pool
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+
+    def buffered(self) -> int:
+        """Bytes read from the socket and not yet handed out (a ``select`` on the socket does not see them)."""
+        return self._end - self._start
+
+    def _fill(self, need: int) -> None:
+        """At least ``need`` (<= the buffer's size) bytes buffered."""
+        if self._end - self._start >= need:
+            return
+        if self._start + need > len(self._buf):  # move what is left to the front
+            left = self._end - self._start
+            self._view[:left] = self._view[self._start : self._end]
+            self._start, self._end = 0, left
+        elif self._start == self._end:
+            self._start = self._end = 0
+        while self._end - self._start < need:
+            n = self.sock.recv_into(self._view[self._end :], len(self._buf) - self._end)
+            if n == 0:
+                raise ConnectionError(f"the stream ended after {self._end - self._start} of {need} bytes")
+            self._end += n
+
+    def _take_into(self, target: memoryview, progress: Callable[[], None] | None) -> None:
+        """Fill ``target`` from the buffer, then (large ones) straight from the socket."""
+        total = target.nbytes
+        if total <= BUFFERED_PAYLOAD_BYTES:
+            self._fill(total)
+            target[:] = self._view[self._start : self._start + total]
+            self._start += total
+            return
+        have = min(self._end - self._start, total)
+        if have:
+            target[:have] = self._view[self._start : self._start + have]
+            self._start += have
+        if have < total:
+            recv_exact_into(self.sock, target[have:], progress)
+
+    def read_frame(
+        self,
+        limits: Limits,
+        progress: Callable[[], None] | None = None,
+        check: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Frame:
+        """The next frame: ``FrameError`` for a protocol break, ``ConnectionError`` when the stream ends."""
+        self._fill(PREFIX_BYTES)
+        header_bytes, payload_bytes = check_prefix(self._view[self._start : self._start + PREFIX_BYTES], limits)
+        self._start += PREFIX_BYTES
+        if header_bytes <= len(self._buf):
+            self._fill(header_bytes)
+            header = unpack_header(self._view[self._start : self._start + header_bytes], limits)
+            self._start += header_bytes
+        else:  # a header larger than the buffer (the client's limits allow it): read into its own
+            head = bytearray(header_bytes)
+            self._take_into(memoryview(head), None)
+            header = unpack_header(head, limits)
+        if check is not None:
+            check(header)
+        tree, targets = plan_payload(header, payload_bytes, limits, self.pool)
+        for target in targets:
+            self._take_into(target, progress)
+        return Frame(header, tree, payload_bytes)
+
+
+def plan_payload(
+    header: dict[str, Any],
+    payload_bytes: int,
+    limits: Limits,
+    pool: BufferPool | None = None,
+) -> tuple[Any, list[memoryview]]:
+    """Check the header's ``bufs`` and ``args`` tree and allocate its arrays: (the value tree with its arrays and
+    bytes in place, the byte views to fill from the payload in order)."""
     sizes = header.get("bufs", [])
-    if not isinstance(sizes, list) or len(sizes) > limits.max_buffers:
+    if type(sizes) is not list or len(sizes) > limits.max_buffers:
         raise FrameError(f"bufs={str(sizes)[:80]} is not allowed: a list of at most {limits.max_buffers} sizes")
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes) or sum(sizes) != payload_bytes:
+    if not all(type(s) is int and s >= 0 for s in sizes) or sum(sizes) != payload_bytes:
         raise FrameError(f"bufs={str(sizes)[:80]} is not allowed: sizes >= 0 adding up to the payload {payload_bytes}")
-    slots: list[Any] = [None] * len(sizes)
-    tree = _plan(header.get("args"), sizes, slots, limits)
-    for index, target in enumerate(slots):
+    targets: list[Any] = [None] * len(sizes)
+    tree = _plan(header.get("args"), sizes, targets, limits, pool)
+    for index, target in enumerate(targets):
         if target is None:
             raise FrameError(f"buffer {index} is not used by any value: every buffer must be")
-        size = target.nbytes if isinstance(target, np.ndarray) else len(target)
-        if size:  # (an empty array's memory cannot even be viewed as bytes)
-            recv_exact_into(sock, memoryview(target).cast("B"), progress)
-    return Frame(header, _fill(tree, slots), payload_bytes)
+    return tree, [t for t in targets if t.nbytes]  # (an empty array's memory cannot even be viewed as bytes)
 
 
-def _plan(node: Any, sizes: list[int], slots: list[Any], limits: Limits) -> Any:
-    """Check the tree and allocate the array of each buffer descriptor (nothing received yet)."""
+def _plan(
+    node: Any,
+    sizes: list[int],
+    targets: list[Any],
+    limits: Limits,
+    pool: BufferPool | None,
+) -> Any:
+    """Check the tree and allocate the array of each buffer descriptor, in place in the tree (nothing received
+    yet): ``targets[i]`` is buffer i's memory as bytes."""
     count = 0
 
     def walk(item: Any, depth: int) -> Any:
@@ -313,78 +492,92 @@ def _plan(node: Any, sizes: list[int], slots: list[Any], limits: Limits) -> Any:
         count += 1
         if count > limits.max_items or depth > MAX_DEPTH:
             raise FrameError(f"the value tree is over {limits.max_items} items or {MAX_DEPTH} levels: not allowed")
-        if isinstance(item, list):
-            return [walk(v, depth + 1) for v in item]
-        if not isinstance(item, dict):
-            if item is None or isinstance(item, bool | int | float | str):
-                return item
-            raise FrameError(f"a {type(item).__name__} value is not allowed in the tree (use $bytes for raw bytes)")
+        kind = type(item)
+        if kind is str or kind is int or kind is float or kind is bool or item is None:
+            return item
+        if kind is list:
+            out_list = []
+            for v in item:
+                if type(v) in _LEAVES:
+                    count += 1
+                    out_list.append(v)
+                else:
+                    out_list.append(walk(v, depth + 1))
+            if count > limits.max_items or depth + 1 > MAX_DEPTH and item:
+                raise FrameError(f"the value tree is over {limits.max_items} items or {MAX_DEPTH} levels: not allowed")
+            return out_list
+        if kind is not dict:
+            raise FrameError(f"a {kind.__name__} value is not allowed in the tree (use $bytes for raw bytes)")
         if "$buf" in item:
-            return _Slot(_allocate(item, sizes, slots))
+            return _allocate(item, sizes, targets, pool)
         if "$bytes" in item:
-            index = _index(item, "$bytes", sizes, slots, {"$bytes"})
-            slots[index] = bytearray(sizes[index])
-            return _Slot(index)
+            index = _index(item, "$bytes", sizes, targets, {"$bytes"})
+            data = bytearray(sizes[index])
+            targets[index] = memoryview(data)
+            return data
         if "$ref" in item:
             ref = item["$ref"]
-            if set(item) != {"$ref"} or not isinstance(ref, int) or isinstance(ref, bool) or ref < 0:
+            if len(item) != 1 or type(ref) is not int or ref < 0:
                 raise FrameError(f"{str(item)[:80]} is not allowed: a handle is {{'$ref': n}} with n >= 0")
             return Ref(ref)
         out = {}
         for key, value in item.items():
             if key.startswith("$"):
                 raise FrameError(f"key {key[:40]!r} is not allowed: $buf, $bytes and $ref only")
-            out[key] = walk(value, depth + 1)
+            if type(value) in _LEAVES:
+                count += 1
+                out[key] = value
+            else:
+                out[key] = walk(value, depth + 1)
+        if count > limits.max_items or depth + 1 > MAX_DEPTH and item:
+            raise FrameError(f"the value tree is over {limits.max_items} items or {MAX_DEPTH} levels: not allowed")
         return out
 
     return walk(node, 0)
 
 
-class _Slot:
-    __slots__ = ("index",)
-
-    def __init__(self, index: int) -> None:
-        self.index = index
+_LEAVES = frozenset({str, int, float, bool, type(None)})
 
 
-def _index(item: dict[str, Any], key: str, sizes: list[int], slots: list[Any], keys: set[str]) -> int:
+def _index(item: dict[str, Any], key: str, sizes: list[int], targets: list[Any], keys: set[str]) -> int:
     index = item[key]
-    if set(item) != keys:
+    if len(item) != len(keys) or not all(k in item for k in keys):
         raise FrameError(f"{str(item)[:80]} is not allowed: exactly the keys {sorted(keys)}")
-    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(sizes):
+    if type(index) is not int or not 0 <= index < len(sizes):
         raise FrameError(f"{key}={str(index)[:20]} is not allowed: a buffer index 0..{len(sizes) - 1}")
-    if slots[index] is not None:
+    if targets[index] is not None:
         raise FrameError(f"buffer {index} is used twice: each buffer belongs to one value")
     return index
 
 
-def _allocate(item: dict[str, Any], sizes: list[int], slots: list[Any]) -> int:
-    index = _index(item, "$buf", sizes, slots, {"$buf", "dtype", "shape"})
+_DTYPES: dict[str, np.dtype] = {}
+
+
+def _allocate(
+    item: dict[str, Any],
+    sizes: list[int],
+    targets: list[Any],
+    pool: BufferPool | None,
+) -> np.ndarray:
+    index = _index(item, "$buf", sizes, targets, {"$buf", "dtype", "shape"})
     dtype_text, shape = item["dtype"], item["shape"]
-    if not isinstance(dtype_text, str) or not _DTYPE.match(dtype_text):
-        raise FrameError(f"dtype={str(dtype_text)[:40]!r} is not allowed: {ALLOWED_DTYPES}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_NDIM
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-    ):
+    dtype = _DTYPES.get(dtype_text) if type(dtype_text) is str else None
+    if dtype is None:
+        if not isinstance(dtype_text, str) or not _DTYPE.match(dtype_text):
+            raise FrameError(f"dtype={str(dtype_text)[:40]!r} is not allowed: {ALLOWED_DTYPES}")
+        dtype = _DTYPES.setdefault(dtype_text, np.dtype(dtype_text))
+    if type(shape) is not list or len(shape) > MAX_NDIM or not all(type(d) is int and d >= 0 for d in shape):
         raise FrameError(f"shape={str(shape)[:80]} is not allowed: a list of at most {MAX_NDIM} sizes >= 0")
-    dtype = np.dtype(dtype_text)
     nbytes = dtype.itemsize
     for d in shape:
         nbytes *= d
     if nbytes != sizes[index]:
         raise FrameError(f"buffer {index}: dtype {dtype_text} x shape {shape} is {nbytes} bytes, the frame says "
                          f"{sizes[index]}: they must agree")
-    slots[index] = np.empty(shape, dtype)
-    return index
-
-
-def _fill(node: Any, slots: list[Any]) -> Any:
-    if isinstance(node, _Slot):
-        return slots[node.index]
-    if isinstance(node, list):
-        return [_fill(v, slots) for v in node]
-    if isinstance(node, dict):
-        return {k: _fill(v, slots) for k, v in node.items()}
-    return node
+    if pool is not None and nbytes >= pool.min_bytes:
+        raw = pool.take(nbytes)
+        targets[index] = memoryview(raw)
+        return raw.view(dtype).reshape(shape)
+    array = np.empty(shape, dtype)
+    targets[index] = memoryview(array.reshape(-1).view(np.uint8)) if nbytes else memoryview(b"")
+    return array

@@ -6,9 +6,11 @@ token (``flexai.remote.auth``); before a valid hello a connection may send one s
 
 It creates objects only from entry points (``module:callable``) that its allow-list names, loads weights only
 as safetensors, and keeps created objects and kept results resident; handles to them travel instead of data.
-Calls run one at a time on one executor thread, in the order they came (a slice is one device's share: running
-them side by side would only contend for it), while the connection threads go on reading, answering
-heartbeats and taking cancellations.
+Calls run one at a time, in the order they came (a slice is one device's share: running them side by side would
+only contend for it). A call that comes when none runs is run by the connection thread that read it, with no
+hand-over to another thread (a small call's answer goes out as soon as it is computed); one that comes while
+another runs waits in line and the running thread takes it next. When a call has run for ``INLINE_HANDOFF_S``,
+its connection gets a new reader thread, so heartbeats, cancellations and further calls are read while it runs.
 
 The worker ends itself, freeing the slice, when no heartbeat or call came for ``ttl_s`` (the client is gone),
 or when no client connected within ``connect_timeout_s`` of its start.
@@ -19,17 +21,18 @@ Run: ``python -m flexai.remote.worker LEASE_FILE`` (the file is a ``LeaseSpec``,
 from __future__ import annotations
 
 import fnmatch
+import hmac
 import importlib
 import json
 import logging
 import os
-import queue
 import re
 import socket
 import ssl
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +49,7 @@ from flexai.remote.errors import (
     RemoteError,
     TransferError,
 )
-from flexai.remote.wire import HELLO_LIMITS, Frame, Limits, Ref, encode_tree, recv_frame, send_frame
+from flexai.remote.wire import HELLO_LIMITS, BufferPool, Frame, FrameReader, Limits, Ref, encode_tree, send_frame
 
 log = logging.getLogger("flexai.remote.worker")
 
@@ -56,6 +59,9 @@ METHOD = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 MAX_CONNECTIONS = 16
 HANDSHAKE_TIMEOUT_S = 5.0
 SUPERVISE_PERIOD_S = 0.1
+INLINE_HANDOFF_S = 0.02
+"""A call run by its connection's reader thread for this long makes the connection get another reader."""
+HANDOFF_PERIOD_S = 0.02
 STATS_PERIOD_S = 1.0
 CALL_OPS = ("create", "call", "fetch", "free")
 
@@ -129,9 +135,15 @@ class Connection:
         self.worker = worker
         self.sock = sock
         self.peer = peer
+        self.frames = FrameReader(sock, worker.pool)
         self.send_lock = threading.Lock()
         self.cancelled: set[int] = set()
         self.closed = False
+        self._lock = threading.Lock()
+        self._reader_turn = 0
+        """Which reader thread reads the socket now (a new one takes over when the reader runs a long call)."""
+        self._running_since: float | None = None
+        """When this connection's reader thread started running calls (None: it is reading)."""
 
     def send(self, header: dict[str, Any], buffers: list[memoryview] | None = None) -> None:
         with self.send_lock:
@@ -162,12 +174,35 @@ class Connection:
         except OSError:
             pass
 
+    # ---------------------------------------------------------------- who reads
+    def running(self, since: float | None) -> None:
+        """The reader thread starts (a time) or stops (None) running calls."""
+        with self._lock:
+            self._running_since = since
+
+    def hand_off(self, now: float) -> None:
+        """Give the connection a new reader thread if its reader has been running calls for ``INLINE_HANDOFF_S``
+        (the old one ends when its calls are done)."""
+        with self._lock:
+            if self.closed or self._running_since is None or now - self._running_since < INLINE_HANDOFF_S:
+                return
+            self._running_since = None
+            self._reader_turn += 1
+            turn = self._reader_turn
+        threading.Thread(target=self._read_loop, args=(turn,), name=f"flexai-conn-{self.peer}", daemon=True).start()
+
+    def _my_turn(self, turn: int) -> bool:
+        with self._lock:
+            self._running_since = None
+            return self._reader_turn == turn
+
+    # ---------------------------------------------------------------- serving
     def serve(self) -> None:
         worker = self.worker
         try:
             self.sock.settimeout(HANDSHAKE_TIMEOUT_S)  # a connection that never says hello frees its place
             worker.reload_epoch()  # a token re-issued a moment ago already counts for a new connection
-            hello = recv_frame(self.sock, HELLO_LIMITS, None, worker.authorise_header)
+            hello = self.frames.read_frame(HELLO_LIMITS, None, worker.authorise_header)
             # Blocking from here: a timeout makes an SSL socket non-blocking underneath, and then a read racing
             # the executor's write can end early. A silent client is found by the supervisor's TTL instead.
             self.sock.settimeout(None)
@@ -179,11 +214,32 @@ class Connection:
             self.send({"op": "ok", "id": hello.header.get("id") if isinstance(hello.header.get("id"), int) else 0,
                        "lease": worker.spec.lease, "heartbeat_s": worker.spec.heartbeat_s, "ttl_s": worker.spec.ttl_s,
                        "pid": os.getpid()})
+        except (FrameError, AuthError) as exc:
+            log.info("connection from %s refused: %s", self.peer, exc)
+            self.error(None, exc)
+            self._end()
+            return
+        except (ConnectionError, TimeoutError, ssl.SSLError, OSError) as exc:
+            log.info("connection from %s closed: %s", self.peer, exc or type(exc).__name__)
+            self._end()
+            return
+        except Exception:  # noqa: BLE001  (a bug here must cost this connection only, never the lease)
+            log.exception("connection from %s failed", self.peer)
+            self._end()
+            return
+        self._read_loop(0)
+
+    def _read_loop(self, turn: int) -> None:
+        worker = self.worker
+        try:
             while not self.closed:
-                frame = recv_frame(self.sock, worker.limits, worker.progress, worker.authorise_header)
+                frame = self.frames.read_frame(worker.limits, worker.progress, worker.authorise_header)
                 worker.stats.bytes_in += frame.payload_bytes
                 worker.touch()
-                self.dispatch(frame)
+                self.dispatch(frame, turn)
+                del frame
+                if not self._my_turn(turn):
+                    return  # another thread reads this connection now
         except (FrameError, AuthError) as exc:
             log.info("connection from %s refused: %s", self.peer, exc)
             self.error(None, exc)
@@ -192,13 +248,15 @@ class Connection:
             log.info("connection from %s closed: %s", self.peer, exc or type(exc).__name__)
         except Exception:  # noqa: BLE001  (a bug here must cost this connection only, never the lease)
             log.exception("connection from %s failed", self.peer)
-        finally:
-            self.close()
-            with self.send_lock:
-                self.sock.close()
-            worker.forget(self)
+        self._end()
 
-    def dispatch(self, frame: Frame) -> None:
+    def _end(self) -> None:
+        self.close()
+        with self.send_lock:
+            self.sock.close()
+        self.worker.forget(self)
+
+    def dispatch(self, frame: Frame, turn: int = 0) -> None:
         op = frame.header.get("op")
         call_id = frame.header.get("id")
         if op == "ping":
@@ -212,7 +270,7 @@ class Connection:
         elif op in CALL_OPS:
             if not isinstance(call_id, int) or isinstance(call_id, bool) or call_id < 0:
                 raise FrameError(f"id={str(call_id)[:40]!r} is not allowed: an integer >= 0")
-            self.worker.calls.put((self, call_id, op, frame.value))
+            self.worker.submit(self, call_id, op, frame)
         else:
             raise FrameError(f"op={str(op)[:40]!r} is not allowed: hello, ping, cancel, bye, {', '.join(CALL_OPS)}")
 
@@ -226,10 +284,15 @@ class Worker:
         self.objects: dict[int, Any] = {}
         self._next_ref = 1
         self.stats = Stats()
-        self.calls: queue.Queue[tuple[Connection, int, str, Any] | None] = queue.Queue()
+        self.calls: deque[tuple[Connection, int, str, Frame]] = deque()
+        """Calls waiting for the one running (run by whichever thread runs calls, in order)."""
+        self._run_lock = threading.Lock()
+        """Held by the thread that runs calls."""
+        self.pool = BufferPool()
         self.connections: set[Connection] = set()
         self._lock = threading.Lock()
         self._expected = make_token(spec.secret, spec.lease, spec.epoch)
+        self._expected_bytes = self._expected.encode()
         self.authenticated_once = False
         self.started = time.monotonic()
         self.listeners: list[socket.socket] = []
@@ -243,9 +306,7 @@ class Worker:
     def authorise(self, token: object) -> None:
         # The common case is one constant-time comparison; the full check only explains a refusal.
         if isinstance(token, str) and len(token) == len(self._expected):
-            import hmac
-
-            if hmac.compare_digest(token.encode(), self._expected.encode()):
+            if hmac.compare_digest(token.encode(), self._expected_bytes):
                 return
         check_token(token, self.spec.secret, self.spec.lease, self.spec.epoch)
 
@@ -276,6 +337,7 @@ class Worker:
         if epoch != self.spec.epoch:
             self.spec.epoch = epoch
             self._expected = make_token(self.spec.secret, self.spec.lease, epoch)
+            self._expected_bytes = self._expected.encode()
 
     # ---------------------------------------------------------------- connections
     def accept(self, sock: socket.socket, peer: str, tls: bool, preamble: bool) -> None:
@@ -342,6 +404,9 @@ class Worker:
 
     # ---------------------------------------------------------------- calls
     def _resolve(self, value: Any) -> Any:
+        kind = type(value)
+        if kind is np.ndarray or kind is str or kind is int or kind is float or kind is bool or value is None:
+            return value
         if isinstance(value, Ref):
             try:
                 return self.objects[value.ref]
@@ -402,29 +467,48 @@ class Worker:
             raise FrameError("args must be a list and kwargs a map")
         return self._resolve(args), self._resolve(kwargs)
 
-    def _executor(self) -> None:
-        while True:
-            item = self.calls.get()
-            if item is None:
-                return
-            conn, call_id, op, body = item
-            if call_id in conn.cancelled or conn.closed:
-                conn.cancelled.discard(call_id)
-                continue
+    def submit(self, conn: Connection, call_id: int, op: str, frame: Frame) -> None:
+        """Queue a call; run it here (the reading thread) when no call runs, else the running thread takes it."""
+        self.calls.append((conn, call_id, op, frame))
+        # A call queued while another thread runs is seen by that thread after it lets go of the lock (it looks
+        # again), so nothing waits behind a lock nobody holds.
+        while self.calls and self._run_lock.acquire(blocking=False):
+            conn.running(time.monotonic())
             try:
-                result = self._run_op(op, body)
-                self.stats.calls += 1
-                if call_id in conn.cancelled:  # cancelled while it ran: the result is dropped, nothing kept
-                    conn.cancelled.discard(call_id)
-                    if isinstance(result, Ref):
-                        self.objects.pop(result.ref, None)
-                    continue
-                buffers: list[memoryview] = []
-                tree = encode_tree(result, buffers)
-            except Exception as exc:  # noqa: BLE001  (whatever the user's code raises goes back as a typed error)
-                conn.error(call_id, exc)
-                continue
-            conn.send({"op": "result", "id": call_id, "args": tree}, buffers)
+                while True:
+                    try:
+                        item = self.calls.popleft()
+                    except IndexError:
+                        break
+                    self._run_one(*item)
+            finally:
+                self._run_lock.release()
+
+    def _run_one(self, conn: Connection, call_id: int, op: str, frame: Frame) -> None:
+        if call_id in conn.cancelled or conn.closed:
+            conn.cancelled.discard(call_id)
+            return
+        try:
+            result = self._run_op(op, frame.value)
+            self.stats.calls += 1
+            if call_id in conn.cancelled:  # cancelled while it ran: the result is dropped, nothing kept
+                conn.cancelled.discard(call_id)
+                if isinstance(result, Ref):
+                    self.objects.pop(result.ref, None)
+                return
+            buffers: list[memoryview] = []
+            tree = encode_tree(result, buffers)
+        except Exception as exc:  # noqa: BLE001  (whatever the user's code raises goes back as a typed error)
+            conn.error(call_id, exc)
+            return
+        conn.send({"op": "result", "id": call_id, "args": tree}, buffers)
+
+    def hand_off_busy_readers(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            conns = list(self.connections)
+        for conn in conns:
+            conn.hand_off(now)
 
     # ---------------------------------------------------------------- life
     def listen(self) -> None:
@@ -456,7 +540,6 @@ class Worker:
                 threading.Thread(target=self._accept_loop, args=(listener, False, True), daemon=True).start()
             else:
                 threading.Thread(target=self._handoff_loop, args=(listener,), daemon=True).start()
-        threading.Thread(target=self._executor, name="flexai-executor", daemon=True).start()
 
     def write_stats(self, state: str) -> None:
         if not self.spec.stats:
@@ -495,7 +578,11 @@ class Worker:
             if now - last_stats >= STATS_PERIOD_S:
                 self.write_stats("ready")
                 last_stats = now
-            self.stopping.wait(SUPERVISE_PERIOD_S)
+            tick_end = now + SUPERVISE_PERIOD_S
+            while not self.stopping.wait(HANDOFF_PERIOD_S):
+                self.hand_off_busy_readers()
+                if time.monotonic() >= tick_end:
+                    break
         self.stop()
         return self.reason
 
