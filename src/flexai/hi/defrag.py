@@ -28,6 +28,7 @@ whose replicas are all movable and fit on other partly-used nodes, so whole devi
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -106,7 +107,7 @@ def blocked_by_fragmentation(engine: Scheduler, request: Request) -> bool:
 class _Room:
     """A private copy of the free arrays on which relocations are tried (the ledger is never touched)."""
 
-    __slots__ = ("state", "share", "memory", "cpu", "host", "_model_masks", "_by_slice")
+    __slots__ = ("state", "share", "memory", "cpu", "host", "_model_masks")
 
     def __init__(self, state: ClusterState, node_mask: np.ndarray | None) -> None:
         self.state = state
@@ -120,7 +121,6 @@ class _Room:
             self.cpu[closed] = -1
             self.host[closed] = -1
         self._model_masks: dict[frozenset[str], np.ndarray] = {}
-        self._by_slice: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def copy(self) -> _Room:
         other = _Room.__new__(_Room)
@@ -130,7 +130,6 @@ class _Room:
         other.cpu = self.cpu.copy()
         other.host = self.host.copy()
         other._model_masks = self._model_masks
-        other._by_slice = None
         return other
 
     def model_mask(self, models: frozenset[str], device_count: int) -> np.ndarray:
@@ -141,29 +140,31 @@ class _Room:
             mask = self._model_masks[models] = self.state.model_mask(models)
         return mask
 
-    def reach(self, p: Placement, models: frozenset[str]) -> tuple[int, int] | None:
-        """The most free CPU and host memory on a node with device room for ``p``'s slices (None: none)."""
+    def reach(self, p: Placement, models: frozenset[str]) -> tuple[list[int], list[int]] | None:
+        """Where a replica with ``p``'s slices could go now: over the nodes with device room for them, sorted
+        by free CPU (most first), minus that CPU and the running maximum of free host memory; None when no
+        node has device room. ``can_reach`` answers for one replica's CPU and host memory from it."""
         count = len(p.device_indices)
-        if count == 1 and not models and not p.device_memory_mib:
-            # The common case, answered from a table sorted by each node's largest free slice.
-            if self._by_slice is None:
-                largest = self.share.max(axis=1)
-                order = np.argsort(-largest, kind="stable")
-                self._by_slice = (
-                    -largest[order],
-                    np.maximum.accumulate(self.cpu[order]),
-                    np.maximum.accumulate(self.host[order]),
-                )
-            neg_largest, cpu, host = self._by_slice
-            upto = int(np.searchsorted(neg_largest, -p.share_milli, side="right"))
-            return (int(cpu[upto - 1]), int(host[upto - 1])) if upto else None
-        nodes_ok = self.model_mask(models, count).copy()
+        nodes_ok = self.model_mask(models, count)
         if count:
-            fits = (self.share >= p.share_milli) & (self.memory >= p.device_memory_mib)
-            nodes_ok &= fits.sum(axis=1) >= count
-        if not nodes_ok.any():
+            fits = self.share >= p.share_milli
+            if p.device_memory_mib:
+                fits &= self.memory >= p.device_memory_mib
+            nodes_ok = nodes_ok & ((fits.any(axis=1)) if count == 1 else (fits.sum(axis=1) >= count))
+        nodes = np.flatnonzero(nodes_ok)
+        if not len(nodes):
             return None
-        return int(self.cpu[nodes_ok].max()), int(self.host[nodes_ok].max())
+        cpu = self.cpu[nodes]
+        order = np.argsort(-cpu, kind="stable")
+        return (-cpu[order]).tolist(), np.maximum.accumulate(self.host[nodes][order]).tolist()
+
+    @staticmethod
+    def can_reach(reach: tuple[list[int], list[int]] | None, cpu_milli: int, host_memory_mib: int) -> bool:
+        """Is there a node with device room, ``cpu_milli`` and ``host_memory_mib`` free (from ``reach``)?"""
+        if reach is None:
+            return False
+        upto = bisect_right(reach[0], -cpu_milli)
+        return upto > 0 and reach[1][upto - 1] >= host_memory_mib
 
     def place(self, held: _Held) -> Placement | None:
         """Best-fit target for ``held`` (never on its own devices); taken from the room if found."""
@@ -247,9 +248,10 @@ def _gather(
     out = _Gathered()
     lost = lost_work_s or {}
     grants = state.grants
-    # Per device shape: the most CPU and host memory free on a node with room for it (None: no room at all).
-    # A replica asking for more cannot move now, whatever else moves (targets take what is free now).
-    reach: dict[tuple[object, ...], tuple[int, int] | None] = {}
+    # Per device shape: the nodes with room for it now, by free CPU and host memory (None: no room at all).
+    # A replica that no node can take now cannot move, whatever else moves (targets take what is free now).
+    reach: dict[tuple[object, ...], tuple[list[int], list[int]] | None] = {}
+    can_reach = _Room.can_reach
     wanted_list = wanted.tolist()
     by_node = out.by_node
     nodes, devices_out, shares, cpu_nodes, cpus, hosts = (
@@ -267,10 +269,10 @@ def _gather(
             continue
         devices = placement.device_indices
         key = (placement.share_milli, placement.device_memory_mib, len(devices), request.allowed_models)
-        most = reach.get(key, False)
-        if most is False:
-            most = reach[key] = room.reach(placement, request.allowed_models)
-        if most is None or placement.cpu_milli > most[0] or placement.host_memory_mib > most[1]:
+        where = reach.get(key, False)
+        if where is False:
+            where = reach[key] = room.reach(placement, request.allowed_models)
+        if not can_reach(where, placement.cpu_milli, placement.host_memory_mib):  # type: ignore[arg-type]
             continue
         held = grants.get(replica_id)
         if held is not placement and held != placement:
