@@ -3,6 +3,8 @@ migration. Scenario tables for the decisions, property tests for the invariants.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -234,3 +236,22 @@ def test_a_moved_item_is_not_moved_again_within_the_backoff() -> None:
     running = hi.running[move.item.id]
     assert running.protected_until_s >= 1.0 + hi.config.preempt_backoff_s
     assert move.item.id not in hi._movable(2.0)[0]
+
+
+def test_work_marked_unmovable_is_never_moved() -> None:
+    """A remote lease (its client holds a session) is marked unmovable: the head waits instead."""
+    hi = make([("n0", 1), ("n1", 1)], HiConfig(defrag_max_moves=4, normal_min_runtime_s=0.0, preemption="none"))
+    for node, name in enumerate("ab"):
+        work = replace(item(name, 500, NORMAL), movable=False)
+        hi.adopt(work, Placement.for_request(work.request, node, (0,)), 0.0)
+    hi.submit(item("big", 1000, NORMAL, t=1.0), 1.0)
+    result = hi.cycle(1.0)
+    assert result.moves == [] and "big" in hi.pending and hi.head_blocked_by_fragmentation()
+    [move] = fragmented_move_reason()
+    assert move.why.startswith("to open a hole for big") and move.reason.endswith(f"({move.why})")
+
+
+def fragmented_move_reason() -> list:
+    hi = fragmented(HiConfig(defrag_max_moves=4, normal_min_runtime_s=0.0, preemption="none"))
+    hi.submit(item("big", 1000, NORMAL, t=1.0), 1.0)
+    return hi.cycle(1.0).moves

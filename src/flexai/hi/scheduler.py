@@ -405,12 +405,18 @@ class HiScheduler:
 
     # ------------------------------------------------------------------ internals: migration
     def _movable(self, now_s: float) -> tuple[dict[str, tuple[Request, Placement]], dict[str, float]]:
-        """What may move: running ``normal`` and ``low`` items out of protection and outside gangs."""
+        """What may move: running ``normal`` and ``low`` items out of protection, outside gangs, not marked
+        unmovable."""
         movable: dict[str, tuple[Request, Placement]] = {}
         lost: dict[str, float] = {}
         for item_id, r in self.running.items():
             item = r.item
-            if item.priority_class is PriorityClass.HIGH or item.gang or now_s < r.protected_until_s:
+            if (
+                item.priority_class is PriorityClass.HIGH
+                or item.gang
+                or not item.movable
+                or now_s < r.protected_until_s
+            ):
                 continue
             movable[item_id] = (self.engine.effective(item.request), r.placement)
             lost[item_id] = self.lost_work_s(r, now_s) * r.placement.share_milli * len(r.placement.device_indices)
@@ -487,7 +493,7 @@ class HiScheduler:
             src = self.state.nodes[move.source.node_index].name
             dst = self.state.nodes[move.target.node_index].name
             result.moves.append(
-                Move(running.item, move.source, move.target, f"moved from {src} to {dst} ({why})", lost)
+                Move(running.item, move.source, move.target, f"moved from {src} to {dst} ({why})", lost, why)
             )
 
     # ------------------------------------------------------------------ internals: time-sharing

@@ -57,6 +57,9 @@ class WorkItem:
     min_runtime_s: float | None = None
     """How long a ``normal`` item runs before it may be preempted; None = the configured default."""
     name: str = ""
+    movable: bool = True
+    """May defragmentation move it (stop it and start it again elsewhere)? False for work that cannot be
+    restarted without its users noticing, e.g. a remote lease whose client holds a session."""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -123,6 +126,8 @@ class Move:
     target: Placement
     reason: str
     lost_work_s: float
+    why: str = ""
+    """The purpose alone ("to open a hole for job-x", "consolidation"), for adapters that name places their way."""
 
 
 @dataclass

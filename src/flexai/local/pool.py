@@ -686,11 +686,7 @@ class Pool:
         target = self._slices(decision.target)
         src = ", ".join(str(s["device"]) for s in source)
         dst = ", ".join(str(s["device"]) for s in target)
-        nodes = self.state.nodes
-        prefix = f"moved from {nodes[decision.source.node_index].name} to {nodes[decision.target.node_index].name} ("
-        why = decision.reason
-        if why.startswith(prefix) and why.endswith(")"):
-            why = why[len(prefix) : -1]
+        why = decision.why or decision.reason
         plural = "s" if len(source) > 1 else ""
         return f"moved from device{plural} {src} to device{plural} {dst} " + (
             why if why.startswith("to ") else f"({why})"
