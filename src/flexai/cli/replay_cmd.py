@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -16,30 +17,39 @@ DEFAULT_LOADS = "1.1"
 DEFAULT_SEEDS = "42"
 
 
-def parse_loads(value: str) -> list[float]:
-    loads = []
+def _parse_floats(option: str, value: str, allowed: Callable[[float], bool], many: str, one: str) -> list[float]:
+    """A comma-separated list of numbers, each checked; one line naming the option, the value and what is
+    allowed on the first bad part."""
+    numbers = []
     for part in value.split(","):
         try:
-            load = float(part)
+            number = float(part)
         except ValueError:
-            fail(f"--load={value!r} is not allowed: fractions of the GPU capacity like 0.7,0.9,1.1 (bad part {part!r})")
-        if not 0 < load <= 10:
-            fail(f"--load={part.strip()!r} is not allowed: a fraction of the GPU capacity in (0, 10]")
-        loads.append(load)
-    return list(dict.fromkeys(loads))
+            fail(f"{option}={value!r} is not allowed: {many} (bad part {part!r})")
+        if not allowed(number):
+            fail(f"{option}={part.strip()!r} is not allowed: {one}")
+        numbers.append(number)
+    return list(dict.fromkeys(numbers))
+
+
+def parse_loads(value: str) -> list[float]:
+    return _parse_floats(
+        "--load",
+        value,
+        lambda load: 0 < load <= 10,
+        "fractions of the GPU capacity like 0.7,0.9,1.1",
+        "a fraction of the GPU capacity in (0, 10]",
+    )
 
 
 def parse_interference(value: str) -> list[float]:
-    alphas = []
-    for part in value.split(","):
-        try:
-            alpha = float(part)
-        except ValueError:
-            fail(f"--interference={value!r} is not allowed: slowdowns per co-runner like 0.02,0.3 (bad part {part!r})")
-        if not 0 <= alpha <= 10:
-            fail(f"--interference={part.strip()!r} is not allowed: a slowdown per co-runner in 0..10")
-        alphas.append(alpha)
-    return list(dict.fromkeys(alphas))
+    return _parse_floats(
+        "--interference",
+        value,
+        lambda alpha: 0 <= alpha <= 10,
+        "slowdowns per co-runner like 0.02,0.3",
+        "a slowdown per co-runner in 0..10",
+    )
 
 
 def parse_schedulers(value: str) -> list[str]:
