@@ -459,3 +459,25 @@ def test_the_exact_milp_agrees_on_the_scenarios(name, devices, grants, shape, ma
     if answer.plan is not None:
         commit_plan(engine, answer.plan, "new", request)
         consistent(engine.state)
+
+
+def test_a_replica_on_several_devices_counts_as_one_move() -> None:
+    # n0: one 4-device replica; n1: two slices on two devices; n2: free, but too little CPU for the request.
+    nodes = [Node("n0", 32_000, 256_000, 4, "A100"), Node("n1", 32_000, 256_000, 4, "A100")]
+    nodes.append(Node("n2", 4_000, 256_000, 4, "A100"))
+    engine = Scheduler(ClusterState(nodes), create_policy("flex", PolicyContext(profile=GRID)))
+    movable: dict[str, tuple[Request, Placement]] = {}
+    four = Request(device_count=4, share_milli=1000, cpu_milli=1000, host_memory_mib=1024)
+    for replica_id, request, node, devices in [
+        ("big4", four, 0, (0, 1, 2, 3)),
+        ("s1", slice_of(300), 1, (0,)),
+        ("s2", slice_of(300), 1, (1,)),
+    ]:
+        placement = Placement.for_request(request, node, devices)
+        engine.state.reserve(replica_id, placement)
+        movable[replica_id] = (request, placement)
+    request = Request(device_count=4, share_milli=1000, cpu_milli=8_000, host_memory_mib=1024)
+    assert blocked_by_fragmentation(engine, request)
+    plan = find_moves(engine, request, movable, 4)
+    assert plan is not None and [m.id for m in plan.moves] == ["big4"] and plan.hole.node_index == 0
+    assert plan.moves[0].target.node_index == 2 and len(plan.moves[0].target.device_indices) == 4

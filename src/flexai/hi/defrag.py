@@ -13,9 +13,10 @@ replay, the static experiment and the Hi Scheduler pass only ``normal`` and ``lo
 Search (``find_moves``), pure and fast enough to run on every blocked pod of a 1,000-node cluster:
 
 1. Hole nodes: nodes where the request fits when empty, whose free share plus the share of their movable
-   replicas could host it (one numpy pass). They are tried in order of an estimate of the moves needed
-   (one for a slice if the largest movable slice on the device suffices, the replicas on the cheapest
-   devices to empty for whole devices), then of the share still missing.
+   replicas could host it (one numpy pass). They are tried in order of a lower bound on the moves needed
+   (one for a slice if the largest movable slice on some device covers what is missing there, else two;
+   the replicas on the cheapest devices to empty for whole devices), then of the share still missing; the
+   search stops at the first node whose bound exceeds the best plan found.
 2. On one node, victim sets are enumerated by size, as ``FractionAware`` preemption does (the grants on
    one device for a slice, the cheapest devices to empty for whole devices), capped per node.
 3. A victim set counts only if all of its replicas fit elsewhere at once: best fit (the fitting device
@@ -226,13 +227,14 @@ class _Gathered:
     """The movable replicas on the wanted nodes that could go somewhere, grouped by node, plus flat arrays
     (one entry per (replica, device)) for the vectorised ranking."""
 
-    __slots__ = ("by_node", "node", "device", "share", "cpu_node", "cpu", "host")
+    __slots__ = ("by_node", "node", "device", "share", "weight", "cpu_node", "cpu", "host")
 
     def __init__(self) -> None:
         self.by_node: dict[int, list[_Held]] = {}
         self.node: list[int] = []
         self.device: list[int] = []
         self.share: list[int] = []
+        self.weight: list[float] = []
         self.cpu_node: list[int] = []
         self.cpu: list[int] = []
         self.host: list[int] = []
@@ -254,10 +256,11 @@ def _gather(
     can_reach = _Room.can_reach
     wanted_list = wanted.tolist()
     by_node = out.by_node
-    nodes, devices_out, shares, cpu_nodes, cpus, hosts = (
+    nodes, devices_out, shares, weights, cpu_nodes, cpus, hosts = (
         out.node,
         out.device,
         out.share,
+        out.weight,
         out.cpu_node,
         out.cpu,
         out.host,
@@ -284,10 +287,12 @@ def _gather(
         cpu_nodes.append(node)
         cpus.append(placement.cpu_milli)
         hosts.append(placement.host_memory_mib)
+        weight = 1.0 / len(devices) if devices else 0.0
         for d in devices:
             nodes.append(node)
             devices_out.append(d)
             shares.append(placement.share_milli)
+            weights.append(weight)
     return out
 
 
@@ -301,10 +306,11 @@ def _rank_hole_nodes(state: ClusterState, request: Request, gathered: _Gathered)
     share = np.asarray(gathered.share, dtype=np.int64)
     movable_share = np.zeros(shape, dtype=np.int64)
     largest = np.zeros(shape, dtype=np.int64)
-    holders = np.zeros(shape, dtype=np.int64)
+    holders = np.zeros(shape, dtype=np.float64)
     np.add.at(movable_share, (node, device), share)
     np.maximum.at(largest, (node, device), share)
-    np.add.at(holders, (node, device), 1)
+    # A replica on several devices counts 1/len on each: the k cheapest devices' sum bounds the moves from below.
+    np.add.at(holders, (node, device), np.asarray(gathered.weight, dtype=np.float64))
     cpu = np.bincount(gathered.cpu_node, weights=gathered.cpu, minlength=state.node_count)
     host = np.bincount(gathered.cpu_node, weights=gathered.host, minlength=state.node_count)
     nodes = np.fromiter(gathered.by_node, dtype=np.int64, count=len(gathered.by_node))
@@ -323,10 +329,13 @@ def _rank_hole_nodes(state: ClusterState, request: Request, gathered: _Gathered)
         best_device = np.argmin(missing, axis=1)
         rows = np.arange(len(nodes))
         least_missing = missing[rows, best_device]
-        estimate = np.where(largest[rows, best_device] >= least_missing, 1, 2)
+        # One move suffices only on a device where the largest movable slice covers what is missing.
+        one_will_do = possible & (largest >= np.maximum(request.share_milli - free, 0))
+        estimate = np.where(one_will_do.any(axis=1), 1, 2)
     else:
         possible = present & (free + movable_share >= FULL_SHARE_MILLI)
-        estimate = np.sort(np.where(possible, holders, 10**6), axis=1)[:, : request.device_count].sum(axis=1)
+        cheapest = np.sort(np.where(possible, holders, 1e6), axis=1)[:, : request.device_count].sum(axis=1)
+        estimate = np.ceil(cheapest - 1e-9).astype(np.int64)
         least_missing = np.sort(np.where(possible, FULL_SHARE_MILLI - free, 10**6), axis=1)[
             :, : request.device_count
         ].sum(axis=1)
