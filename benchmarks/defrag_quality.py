@@ -11,7 +11,9 @@ moves (at most ``--max-moves``) of non-``high`` pods that open a hole. Every pla
 out in the ledger and rolling back. Prints how often each finds a plan, how often the heuristic finds one
 when the MILP does, how many more moves it then uses, and the time each takes. ``no_hole_possible``
 counts blocked pods for which no node could hold them even if every movable pod that fits elsewhere left
-(no plan exists at all); ``exact`` those where the MILP saw every possible hole node and proved optimality.
+(no plan exists at all); ``exact`` those where the MILP saw every possible hole node and proved optimality;
+``free_pct_at_100_by_device_free`` where the unallocated share lies when the arrived workload reaches 100 %
+(as % of capacity, by the free share of its device: slivers beside big slices cannot be consolidated).
 """
 
 from __future__ import annotations
@@ -43,7 +45,24 @@ def _valid(engine: Scheduler, plan, request: Request) -> bool:  # type: ignore[n
     return True
 
 
-def instances(trace: str, seed: int, samples: int, max_moves: int, hole_nodes: int) -> list[dict[str, object]]:
+SLIVER_BUCKETS_MILLI = (100, 200, 500)
+
+
+def free_by_size(state: ClusterState) -> dict[str, float]:
+    """Free share as % of capacity, by how much is free on its device (below 0.1, 0.1-0.2, 0.2-0.5, above)."""
+    free = state.free_share_milli[state.device_present]
+    edges = (0, *SLIVER_BUCKETS_MILLI, 1001)
+    return {
+        f"{lo / 1000:g}-{min(hi, 1000) / 1000:g}": round(
+            100.0 * float(free[(free >= lo) & (free < hi)].sum()) / state.total_share_milli, 3
+        )
+        for lo, hi in zip(edges, edges[1:], strict=False)
+    }
+
+
+def instances(
+    trace: str, seed: int, samples: int, max_moves: int, hole_nodes: int, at_100: list[dict[str, float]]
+) -> list[dict[str, object]]:
     pods, nodes = load_pods(trace), load_nodes("gpu")
     failed = run_fill(pods, nodes, "flex", seed).failed
     failures = np.flatnonzero(failed)
@@ -57,7 +76,11 @@ def instances(trace: str, seed: int, samples: int, max_moves: int, hole_nodes: i
     # Blocked-by-fragmentation failures are most of them; spread the samples over all failures.
     wanted = set(failures[np.linspace(0, len(failures) - 1, min(samples, len(failures))).astype(int)].tolist())
     rows: list[dict[str, object]] = []
+    arrived = np.cumsum(pods.total_share_milli[arrivals.pod_index])
+    crossed_100_at = int(np.searchsorted(arrived, state.total_share_milli, side="right"))
     for event, pod in enumerate(arrivals.pod_index.tolist()):
+        if event == crossed_100_at:
+            at_100.append(free_by_size(state))
         request = pods.requests[pod]
         result = engine.schedule(request, str(event))
         if result.status is Status.SCHEDULED:
@@ -134,9 +157,13 @@ def main() -> None:
     all_rows: list[dict[str, object]] = []
     per_trace = {}
     for trace in args.traces.split(","):
-        rows = [r for s in seeds for r in instances(trace, s, args.samples, args.max_moves, args.hole_nodes)]
+        at_100: list[dict[str, float]] = []
+        rows = [r for s in seeds for r in instances(trace, s, args.samples, args.max_moves, args.hole_nodes, at_100)]
         all_rows += rows
         per_trace[trace] = summarise(rows)
+        per_trace[trace]["free_pct_at_100_by_device_free"] = {
+            k: round(float(np.mean([a[k] for a in at_100])), 3) for k in at_100[0]
+        }
         print(trace, json.dumps(per_trace[trace]), flush=True)
     total = summarise(all_rows)
     print("all", json.dumps(total))
