@@ -418,12 +418,7 @@ def _hole_devices(fit: _NodeFit, request: Request, victims: Sequence[_Held]) -> 
     """The devices the request takes once ``victims`` left: tightest fit for a slice, lowest index else."""
     if not request.device_count:
         return ()
-    share = list(fit.free_share)
-    memory = list(fit.free_memory)
-    for v in victims:
-        for d in v.placement.device_indices:
-            share[d] += v.placement.share_milli
-            memory[d] += v.placement.device_memory_mib
+    share, memory = fit.freed(victims)  # type: ignore[arg-type]  (a _Held reads like a Running here)
     fitting = [
         d
         for d in range(len(share))

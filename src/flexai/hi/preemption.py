@@ -53,6 +53,16 @@ class _NodeFit:
         self.free_cpu = int(state.free_cpu_milli[node])
         self.free_host_memory = int(state.free_host_memory_mib[node])
 
+    def freed(self, victims: Sequence[Running]) -> tuple[list[int], list[int]]:
+        """Free share and device memory per device once ``victims`` have left."""
+        share = list(self.free_share)
+        memory = list(self.free_memory)
+        for v in victims:
+            for d in v.placement.device_indices:
+                share[d] += v.placement.share_milli
+                memory[d] += v.placement.device_memory_mib
+        return share, memory
+
     def fits_without(self, victims: Sequence[Running]) -> bool:
         request = self.request
         cpu = self.free_cpu + sum(v.placement.cpu_milli for v in victims)
@@ -61,12 +71,7 @@ class _NodeFit:
             return False
         if not request.device_count:
             return True
-        share = list(self.free_share)
-        memory = list(self.free_memory)
-        for v in victims:
-            for d in v.placement.device_indices:
-                share[d] += v.placement.share_milli
-                memory[d] += v.placement.device_memory_mib
+        share, memory = self.freed(victims)
         fitting = sum(
             1
             for d in range(len(share))
