@@ -18,20 +18,50 @@ k8s_app = typer.Typer(
 app.add_typer(k8s_app, name="k8s")
 
 
-def _client(api_server: str | None, token_file: Path | None, insecure: bool):  # noqa: ANN202
-    from flexai.k8s.apiclient import KubeClient
+def _client(  # noqa: ANN202
+    api_server: str | None,
+    token_file: Path | None,
+    insecure: bool,
+    kubeconfig: Path | None = None,
+    context: str | None = None,
+):
+    """The API server from --api-server, else --kubeconfig (or $KUBECONFIG), else the pod's service account."""
+    from flexai.k8s.apiclient import KubeClient, KubeConfigError
 
     if api_server:
+        if context:
+            fail("--context picks a context of --kubeconfig; it does not go with --api-server")
         token = token_file.read_text().strip() if token_file else None
         return KubeClient(api_server, token, verify=not insecure)
+    if kubeconfig is not None and str(kubeconfig):
+        try:
+            return KubeClient.from_kubeconfig(kubeconfig, context)
+        except KubeConfigError as exc:
+            fail(str(exc))
+    if context:
+        fail("--context needs --kubeconfig (or KUBECONFIG)")
     if "KUBERNETES_SERVICE_HOST" not in os.environ:
-        fail("--api-server is needed outside a cluster (in a pod the service account is used)")
+        fail(
+            "--api-server or --kubeconfig (or KUBECONFIG) is needed outside a cluster "
+            "(in a pod the service account is used)"
+        )
     return KubeClient.in_cluster()
 
 
-ApiServerOption = Annotated[str | None, typer.Option(help="API server URL (default: in-cluster service account).")]
+ApiServerOption = Annotated[
+    str | None, typer.Option(help="API server URL (before --kubeconfig; default: in-cluster service account).")
+]
 TokenOption = Annotated[Path | None, typer.Option(help="Bearer token file for --api-server.")]
 InsecureOption = Annotated[bool, typer.Option(help="Skip TLS verification of --api-server (tests only).")]
+KubeconfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="KUBECONFIG",
+        help="kubeconfig to reach the API server from outside the cluster (client certificate or token; "
+        "one file).",
+    ),
+]
+ContextOption = Annotated[str | None, typer.Option(help="Context of --kubeconfig (default: its current-context).")]
 
 
 def _wait_for_signal() -> None:
@@ -75,6 +105,8 @@ def agent(
     api_server: ApiServerOption = None,
     token_file: TokenOption = None,
     insecure: InsecureOption = False,
+    kubeconfig: KubeconfigOption = None,
+    context: ContextOption = None,
 ) -> None:
     """Node agent: inventory with heartbeat on the Node, kubelet device plugin for flexai.io/vxpu, and (with
     --remote-listen) lease workers for the remote slices placed on this node."""
@@ -91,20 +123,21 @@ def agent(
         backend, found = discover(devices)
     except (DiscoveryError, ValueError) as exc:
         fail(str(exc))
+    connection = (api_server, token_file, insecure, kubeconfig, context)
     remote = None
     if remote_listen:
         from flexai.k8s.leases import RemoteLeases
 
         try:
             remote = RemoteLeases(
-                _client(api_server, token_file, insecure), node_name, backend, remote_state, listen=remote_listen,
+                _client(*connection), node_name, backend, remote_state, listen=remote_listen,
                 advertise=remote_advertise, tls_cert=remote_tls_cert, tls_key=remote_tls_key, ca_file=remote_ca,
                 server_name=remote_server_name, allow=remote_allow or [],
             )  # fmt: skip
         except (OSError, ValueError) as exc:
             fail(f"--remote-listen: {exc}")
     node_agent = NodeAgent(
-        _client(api_server, token_file, insecure),
+        _client(*connection),
         node_name,
         backend,
         found,
@@ -177,6 +210,8 @@ def scheduler(
     api_server: ApiServerOption = None,
     token_file: TokenOption = None,
     insecure: InsecureOption = False,
+    kubeconfig: KubeconfigOption = None,
+    context: ContextOption = None,
 ) -> None:
     """Scheduler extender: keeps the cluster from list+watch and places pods with the engine."""
     import uvicorn
@@ -197,7 +232,7 @@ def scheduler(
         except QueueConfigError as exc:
             fail(f"--queues {queues}: {exc}")
     service = SchedulerService(
-        _client(api_server, token_file, insecure),
+        _client(api_server, token_file, insecure, kubeconfig, context),
         namespace,
         policy=policy,
         leader_election=leader_election,

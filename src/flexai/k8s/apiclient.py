@@ -2,13 +2,23 @@
 
 Only what flexai's scheduler and agent need. ``Informer`` keeps a cache from list+watch: it resumes a
 broken watch from the last resourceVersion and lists again when the server answers 410 Gone.
+
+The requests are written here, not by a general client: ``benchmarks/k8s_client_cpu.py`` measured lightkube
+1.0.1 (typed, on httpx2) at 2 to 3 times this client's CPU per pods/binding POST, its typed pods at 9 times
+the memory of the Informer's ``slim_pod`` records, and it cannot read the Status the API server answers a
+binding with. A kubeconfig is read with lightkube's ``KubeConfig`` (``KubeClient.from_kubeconfig``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import http.client
 import json
+import os
+import shutil
 import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,14 +32,74 @@ import httpx
 from flexai.k8s.extender import ApiError
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+DEFAULT_KUBECONFIG = Path("~/.kube/config")
+
+CLUSTER_FIELDS = frozenset(
+    {"server", "certificate-authority", "certificate-authority-data", "insecure-skip-tls-verify"}
+    | {"extensions", "disable-compression"}  # no effect on how flexai connects
+)
+"""What flexai reads of a kubeconfig cluster (any other field is refused, never silently dropped)."""
+USER_FIELDS = frozenset(
+    {
+        "token",
+        "tokenFile",
+        "client-certificate",
+        "client-certificate-data",
+        "client-key",
+        "client-key-data",
+        "extensions",
+    }
+)
+"""What flexai reads of a kubeconfig user: a bearer token or a client certificate (no exec plugin,
+auth-provider, basic auth or impersonation)."""
+
+
+class KubeConfigError(ValueError):
+    """A kubeconfig flexai cannot use; the message names the file and the context or field."""
+
+
+def tls_context(
+    verify: str | bool | ssl.SSLContext = True,
+    client_cert: tuple[str | Path, str | Path] | None = None,
+    ca_data: str | None = None,
+) -> ssl.SSLContext:
+    """One TLS context for both of the client's paths (httpx and the http.client fast path): ``verify`` is a CA
+    file, True (the system's CAs), False (no verification, tests only) or a ready context; ``ca_data`` PEM
+    CAs; ``client_cert`` (certificate file, key file) presented to the server."""
+    if isinstance(verify, ssl.SSLContext):
+        context = verify
+    elif verify is False:
+        context = ssl._create_unverified_context()  # noqa: S323  (--insecure / insecure-skip-tls-verify)
+    elif isinstance(verify, str) or ca_data:
+        context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None, cadata=ca_data)
+    else:
+        context = ssl.create_default_context()
+    if client_cert is not None:
+        context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+    return context
 
 
 class KubeClient:
     def __init__(
-        self, base_url: str, token: str | None = None, verify: str | bool = True, timeout_s: float = 30
+        self,
+        base_url: str,
+        token: str | None = None,
+        verify: str | bool | ssl.SSLContext = True,
+        timeout_s: float = 30,
+        client_cert: tuple[str | Path, str | Path] | None = None,
     ) -> None:
+        """``verify``: CA file, True (system CAs), False (no verification) or an ``ssl.SSLContext`` (as
+        ``tls_context`` makes); ``client_cert``: (certificate, key) files of a client certificate."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=base_url, headers=headers, verify=verify, timeout=timeout_s)
+        https = urlsplit(base_url).scheme == "https"
+        self.ssl_context = tls_context(verify, client_cert) if https else None
+        """Shared by httpx and the fast path's connections (its client certificate is loaded once)."""
+        self.http = httpx.Client(
+            base_url=base_url,
+            headers=headers,
+            verify=self.ssl_context if self.ssl_context is not None else True,
+            timeout=timeout_s,
+        )
         self.base_url = base_url
         self.headers = headers
         self.verify = verify
@@ -45,18 +115,22 @@ class KubeClient:
         if conn is not None:
             conn.close()
         url = urlsplit(self.base_url)
-        if url.scheme == "https":
-            if self.verify is False:
-                context = ssl._create_unverified_context()  # noqa: S323  (--insecure, tests only)
-            elif isinstance(self.verify, str):
-                context = ssl.create_default_context(cafile=self.verify)
-            else:
-                context = ssl.create_default_context()
-            conn = http.client.HTTPSConnection(url.hostname or "", url.port, timeout=self.timeout_s, context=context)
+        if self.ssl_context is not None:
+            conn = http.client.HTTPSConnection(
+                url.hostname or "", url.port, timeout=self.timeout_s, context=self.ssl_context
+            )
         else:
             conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=self.timeout_s)
         self._local.conn = conn
         return conn
+
+    def close(self) -> None:
+        """Close the httpx client and this thread's fast-path connection."""
+        self.http.close()
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
 
     def _post_fast(self, path: str, body: dict) -> dict:
         data = json.dumps(body, separators=(",", ":")).encode()
@@ -84,11 +158,20 @@ class KubeClient:
 
     @classmethod
     def in_cluster(cls) -> KubeClient:
-        import os
-
         host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"]
         token = (SERVICE_ACCOUNT / "token").read_text().strip()
         return cls(f"https://{host}:{port}", token, verify=str(SERVICE_ACCOUNT / "ca.crt"))
+
+    @classmethod
+    def from_kubeconfig(cls, path: str | Path | None = None, context: str | None = None) -> KubeClient:
+        """A client for a kubeconfig's context (``context`` or its current-context), as kubectl reads it: the
+        server, its CA (certificate-authority file or -data), insecure-skip-tls-verify, and the user's bearer
+        token (token, else tokenFile) and/or client certificate (client-certificate/-key, file or -data).
+        ``path`` defaults to $KUBECONFIG, else ~/.kube/config. Raises ``KubeConfigError`` naming the file and
+        the context or field for a missing file, an unknown context or what flexai does not support (an exec
+        plugin, auth-provider, basic auth, impersonation, tls-server-name, proxy-url)."""
+        server, token, verify = _read_kubeconfig(path, context)
+        return cls(server, token, verify=verify)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> dict:
         try:
@@ -250,6 +333,152 @@ class KubeClient:
 
     def replace_lease(self, namespace: str, name: str, body: dict) -> dict:
         return self._call("PUT", f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}", json=body)
+
+
+def _kubeconfig_path(path: str | Path | None) -> Path:
+    if path is None or str(path) == "":
+        path = os.environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG
+    if os.pathsep in str(path):
+        raise KubeConfigError(
+            f"kubeconfig {path}: a list of files is not supported (kubectl merges them); name one file"
+        )
+    return Path(path).expanduser()
+
+
+def _read_kubeconfig(path: str | Path | None, context: str | None) -> tuple[str, str | None, ssl.SSLContext | bool]:
+    """(server URL, bearer token, TLS context) of one kubeconfig context; lightkube parses the file."""
+    import yaml
+    from lightkube.config.kubeconfig import KubeConfig, SingleConfig
+    from lightkube.core.exceptions import ConfigError
+
+    source = _kubeconfig_path(path)
+    try:
+        raw = yaml.safe_load(source.read_text())
+    except FileNotFoundError:
+        raise KubeConfigError(f"kubeconfig {source}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KubeConfigError(f"kubeconfig {source}: cannot read it ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise KubeConfigError(f"kubeconfig {source}: not YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(raw, dict):
+        raise KubeConfigError(f"kubeconfig {source}: not a kubeconfig (a YAML mapping with clusters, contexts)")
+    try:
+        config = KubeConfig.from_dict({"clusters": [], "contexts": [], **raw}, fname=source)
+        contexts = ", ".join(sorted(config.contexts)) or "none"
+        name = context or config.current_context
+        if not name:
+            raise KubeConfigError(f"kubeconfig {source}: no current-context; name a context (it has: {contexts})")
+        if name not in config.contexts:
+            raise KubeConfigError(f"kubeconfig {source}: no context {name!r} (it has: {contexts})")
+        ctx = config.contexts[name]
+        if ctx.cluster not in config.clusters:
+            raise KubeConfigError(f"kubeconfig {source}: context {name!r} names cluster {ctx.cluster!r}, not defined")
+        if ctx.user and ctx.user not in config.users:
+            raise KubeConfigError(f"kubeconfig {source}: context {name!r} names user {ctx.user!r}, not defined")
+        single = config.get(name)
+    except KubeConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:  # ValueError: msgspec's ValidationError
+        raise KubeConfigError(f"kubeconfig {source}: not a kubeconfig ({type(exc).__name__}: {exc})") from None
+    assert isinstance(single, SingleConfig)
+    where = f"kubeconfig {source}, context {name!r}"
+    raw_cluster = _named(raw.get("clusters"), ctx.cluster, "cluster")
+    raw_user = _named(raw.get("users"), ctx.user, "user") if ctx.user else {}
+    for kind, owner, given, known in (
+        ("cluster", ctx.cluster, raw_cluster, CLUSTER_FIELDS),
+        ("user", ctx.user, raw_user, USER_FIELDS),
+    ):
+        unsupported = sorted(set(given) - known)
+        if unsupported:
+            readable = ", ".join(sorted(known - {"extensions", "disable-compression"}))
+            raise KubeConfigError(
+                f"{where}: {kind} {owner!r} field {unsupported[0]!r} is not supported (flexai reads {readable})"
+            )
+    cluster, user = single.cluster, single.user
+    if "server" not in raw_cluster or not cluster.server:
+        raise KubeConfigError(f"{where}: cluster {ctx.cluster!r} has no server")
+    https = urlsplit(cluster.server).scheme == "https"
+    if cluster.certificate_auth and cluster.certificate_auth_data:
+        raise KubeConfigError(f"{where}: certificate-authority and certificate-authority-data are both set")
+    if cluster.insecure and (cluster.certificate_auth or cluster.certificate_auth_data):
+        raise KubeConfigError(f"{where}: insecure-skip-tls-verify with a certificate-authority (choose one)")
+    token = None
+    if user is not None and user.token:
+        token = user.token.strip()
+    elif user is not None and user.token_file:
+        token_file = Path(single.abs_file(user.token_file))
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise KubeConfigError(f"{where}: tokenFile {token_file}: cannot read it ({exc})") from None
+    verify: ssl.SSLContext | bool = not cluster.insecure
+    if not https:
+        return cluster.server, token, verify
+    ca_file = str(single.abs_file(cluster.certificate_auth)) if cluster.certificate_auth else None
+    ca_data = None
+    if cluster.certificate_auth_data:
+        ca_data = _b64(cluster.certificate_auth_data, f"{where}: certificate-authority-data")
+    try:
+        tls = tls_context(ca_file if ca_file else not cluster.insecure, ca_data=ca_data)
+    except (OSError, ValueError) as exc:
+        field = f"certificate-authority {ca_file}" if ca_file else "certificate-authority-data"
+        raise KubeConfigError(f"{where}: {field}: cannot load it ({exc})") from None
+    if user is not None:
+        _load_client_cert(tls, single, user, where)
+    return cluster.server, token, tls
+
+
+def _named(entries: object, name: str | None, key: str) -> dict:
+    """The raw mapping of the named cluster/user (lightkube's model drops fields it does not know)."""
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            return entry.get(key) or {}
+    return {}
+
+
+def _b64(data: str, what: str) -> str:
+    try:
+        return base64.b64decode(data, validate=True).decode()
+    except (binascii.Error, ValueError) as exc:
+        raise KubeConfigError(f"{what}: not base64 PEM ({exc})") from None
+
+
+def _load_client_cert(context: ssl.SSLContext, single: Any, user: Any, where: str) -> None:
+    """Load the user's client certificate and key into ``context``; -data is written for OpenSSL to a private
+    folder (0700, files 0600) that is removed as soon as they are loaded."""
+    parts = (
+        ("client-certificate", user.client_cert, user.client_cert_data),
+        ("client-key", user.client_key, user.client_key_data),
+    )
+    if not any(file or data for _, file, data in parts):
+        return
+    for (name, file, data), (other, _, _) in zip(parts, reversed(parts), strict=True):
+        if file and data:
+            raise KubeConfigError(f"{where}: {name} and {name}-data are both set")
+        if not (file or data):
+            raise KubeConfigError(f"{where}: {other} without {name} (or {name}-data)")
+    folder = tempfile.mkdtemp(prefix="flexai-kubeconfig-") if any(data for _, _, data in parts) else ""  # 0700
+    try:
+        paths = []
+        for name, file, data in parts:
+            if file:
+                paths.append(str(single.abs_file(file)))
+                continue
+            target = os.path.join(folder, name)
+            pem = _b64(data, f"{where}: {name}-data")
+            with os.fdopen(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+                out.write(pem)
+            paths.append(target)
+        try:
+            context.load_cert_chain(paths[0], paths[1])
+        except (OSError, ValueError) as exc:
+            shown = ["(data)" if folder and p.startswith(folder) else p for p in paths]
+            raise KubeConfigError(
+                f"{where}: client-certificate {shown[0]} / client-key {shown[1]}: cannot load them ({exc})"
+            ) from None
+    finally:
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class Informer:
