@@ -168,11 +168,11 @@ class FractionAware(PreemptionPlugin):
 
     @staticmethod
     def _pools(fit: _NodeFit, request: Request, candidates: list[Running]) -> list[list[Running]]:
-        """Where to look: for one device, the grants on each device (plus CPU holders); for whole devices,
-        the grants on the devices cheapest to empty."""
+        """Where to look: for one device, the grants on each device (plus CPU holders); for slices on several
+        devices, every candidate on the node (whole devices are handled by ``_whole_devices``)."""
         needs_host = fit.free_cpu < request.cpu_milli or fit.free_host_memory < request.host_memory_mib
-        if request.device_count == 0:
-            return [candidates]
+        if request.device_count == 0 or request.device_count > 1:
+            return [candidates]  # slices on several devices: a hole may need grants on every one of them
         by_device: dict[int, list[Running]] = {}
         for r in candidates:
             for d in r.placement.device_indices:

@@ -415,6 +415,7 @@ class HiScheduler:
                 item.priority_class is PriorityClass.HIGH
                 or item.gang
                 or not item.movable
+                or item.request.multi_slice  # the move finder re-places one slice or whole devices only
                 or now_s < r.protected_until_s
             ):
                 continue
@@ -424,8 +425,8 @@ class HiScheduler:
 
     def _defragment(self, now_s: float, result: CycleResult) -> None:
         head = self.pending.get(self._head or "")
-        if head is None or head.gang:
-            return
+        if head is None or head.gang or head.request.multi_slice:
+            return  # the move finder places one slice or whole devices only
         tried = self._defrag_tried
         if tried is not None and tried[0] == head.id:
             if tried[1] == self._victim_version or now_s < tried[2] + self.config.defrag_retry_s:
@@ -937,6 +938,23 @@ class HiScheduler:
                 return f"needs {request.device_memory_mib} MiB of device memory beside {request.share_milli / 10:g} %"
             return (
                 f"needs {request.share_milli / 10:g} % on one {models}; the most free on any device is {most / 10:g} %"
+            )
+        if request.multi_slice:
+            enough = (free >= request.share_milli).sum(axis=1)
+            most = int(enough.max()) if enough.size else 0
+            if most >= request.device_count:
+                if not host_ok[enough >= request.device_count].any():
+                    return (
+                        f"needs {request.cpu_milli / 1000:g} CPUs and {request.host_memory_mib} MiB beside its "
+                        "slices; no node with room for the slices has them"
+                    )
+                return (
+                    f"needs {request.device_memory_mib} MiB of device memory beside {request.share_milli / 10:g} % "
+                    f"on each of {request.device_count} devices"
+                )
+            return (
+                f"needs {request.share_milli / 10:g} % on each of {request.device_count} {models}s on one node; "
+                f"at most {most} such on any node"
             )
         whole = (free == FULL_SHARE_MILLI).sum(axis=1)
         most = int(whole.max()) if whole.size else 0

@@ -31,6 +31,7 @@ from flexai.hi import HiConfig, HiError, HiScheduler, Preempt, QueueSpec, Start,
 from flexai.k8s import names
 from flexai.k8s.cluster import ElasticState, Hold, KubeCluster, PodRecord, expand_models, layout
 from flexai.model import LedgerError, Placement, Request, RequestError
+from flexai.model.units import FULL_SHARE_MILLI
 from flexai.model.workload import WorkloadProfile
 from flexai.scheduler import PolicyContext, Scheduler, create_policy
 
@@ -140,7 +141,8 @@ class HiBridge:
                 self._sync(record.key)
 
     def request_of(self, record: PodRecord) -> Request:
-        """The Hi Scheduler's request for a pod (memory given in percent is left to the view's check)."""
+        """The Hi Scheduler's request for a pod (memory given in percent is left to the view's check); part of a
+        device on several devices is a slice on each of that many distinct devices (``multi_slice``)."""
         demand = record.demand
         assert demand is not None and self.hi is not None
         allowed = expand_models(demand.models, self.hi.state.model_names)
@@ -148,6 +150,7 @@ class HiBridge:
         return Request(
             device_count=demand.count,
             share_milli=demand.share_milli,
+            multi_slice=demand.count > 1 and demand.share_milli < FULL_SHARE_MILLI,
             device_memory_mib=demand.memory_mib,
             allowed_models=models,
             cpu_milli=demand.cpu_milli,

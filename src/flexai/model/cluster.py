@@ -46,8 +46,8 @@ class Node:
 class Request:
     """What one replica needs. A request with device_count 0 is CPU-only.
 
-    share_milli and device_memory_mib are per device. A share below 1000 (a slice) is only allowed on a
-    single device; multi-device requests take whole devices.
+    share_milli and device_memory_mib are per device. A share below 1000 (a slice) is allowed on a single
+    device; on several devices only with ``multi_slice`` (otherwise multi-device requests take whole devices).
     """
 
     device_count: int = 0
@@ -60,6 +60,10 @@ class Request:
     priority: int = 0
     qos: str = ""
     name: str = ""
+    multi_slice: bool = False
+    """device_count > 1 with share_milli < 1000: a slice of share_milli on each of device_count distinct devices
+    of one node. Asked for explicitly (the Kubernetes adapter does, for a pod whose containers ask for part of
+    several devices); the traces and the pool never do, so everything else keeps one-slice-or-whole-devices."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.device_count <= 64, "device_count", self.device_count, "0..64")
@@ -76,11 +80,17 @@ class Request:
                 f"1..{FULL_SHARE_MILLI} per device",
             )
             _require(
-                self.device_count == 1 or self.share_milli == FULL_SHARE_MILLI,
+                self.device_count == 1 or self.share_milli == FULL_SHARE_MILLI or self.multi_slice,
                 "share_milli",
                 self.share_milli,
-                f"{FULL_SHARE_MILLI} (whole devices) when device_count > 1",
+                f"{FULL_SHARE_MILLI} (whole devices) when device_count > 1, unless multi_slice=True",
             )
+        _require(
+            not self.multi_slice or (self.device_count > 1 and self.share_milli < FULL_SHARE_MILLI),
+            "multi_slice",
+            self.multi_slice,
+            f"True only with device_count > 1 and share_milli < {FULL_SHARE_MILLI}",
+        )
 
     @property
     def total_share_milli(self) -> int:

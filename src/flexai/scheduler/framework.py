@@ -90,13 +90,18 @@ def device_fit_mask(state: ClusterState, request: Request) -> np.ndarray:
 
 def select_devices_best(state: ClusterState, request: Request, node_index: int) -> tuple[int, ...]:
     """Tightest fit: a slice goes to the fitting device with the least free share (a fully free device only
-    when no used one fits; ties to the lowest index); whole devices are the lowest-index free ones."""
+    when no used one fits; ties to the lowest index); whole devices are the lowest-index free ones; slices on
+    several devices (``multi_slice``) go to the fitting devices with the least free share, in that order."""
     if request.device_count == 0:
         return ()
     row_fit = device_fit_mask(state, request)[node_index]
     if request.share_milli == FULL_SHARE_MILLI:
         return tuple(int(d) for d in np.flatnonzero(row_fit)[: request.device_count])
     free = np.where(row_fit, state.free_share_milli[node_index], FULL_SHARE_MILLI + 1)
+    if request.device_count > 1:
+        columns = np.flatnonzero(row_fit)
+        order = np.lexsort((columns, free[columns]))
+        return tuple(int(d) for d in columns[order][: request.device_count])
     return (int(np.argmin(free)),)
 
 
