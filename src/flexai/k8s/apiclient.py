@@ -15,6 +15,7 @@ import base64
 import binascii
 import http.client
 import json
+import logging
 import os
 import shutil
 import ssl
@@ -30,6 +31,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from flexai.k8s.extender import ApiError
+
+log = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 DEFAULT_KUBECONFIG = Path("~/.kube/config")
@@ -541,6 +544,8 @@ class Informer:
                         self.resource_version = rv
             except ApiError as exc:
                 if exc.status == 410:
+                    log.warning("watch %s from resourceVersion %s: 410 Gone (history compacted); listing again",
+                                self.path, self.resource_version)  # fmt: skip
                     self.resource_version = ""  # too old: list again
                     continue
                 self._stop.wait(self.retry_s)
