@@ -581,3 +581,18 @@ def test_the_view_updated_step_by_step_holds_what_a_fresh_one_holds(ops: list[tu
         assert a.free_cpu_milli[i] == b.free_cpu_milli[j]
     assert set(a.grants) == set(b.grants)
     assert (a.free_share_milli >= 0).all() and (a.free_share_milli <= 1000).all()
+
+
+def test_the_reason_a_pod_never_fits_counts_real_nodes_not_the_views_vacant_rows() -> None:
+    """The extender's view keeps vacant rows as headroom for nodes that join; a user reading "0/19 nodes fit" on a
+    3-node cluster (as the real control plane showed) is misled."""
+    from flexai.k8s.cluster import ElasticState, _vacant
+    from flexai.model import Node, Request
+    from flexai.scheduler import PolicyContext, Scheduler, create_policy
+
+    nodes = [Node(f"n{i}", 32_000, 131_072, 8, "A100", 81_920) for i in range(3)] + [_vacant(i) for i in range(3, 19)]
+    state = ElasticState(nodes)
+    assert state.real_rows().tolist() == [True] * 3 + [False] * 16
+    scheduler = Scheduler(state, create_policy("k8s-whole-gpu", PolicyContext()))
+    result = scheduler.schedule(Request(1, 500, allowed_models=frozenset({"H100"})), "x")
+    assert result.reason == "0/3 nodes fit: 3 no allowed device model"

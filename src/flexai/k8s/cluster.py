@@ -463,8 +463,11 @@ class NeedsRebuild(Exception):
     """A node does not fit the state's shape (a new device model, more devices than columns)."""
 
 
+VACANT_PREFIX = "(vacant row "
+
+
 def _vacant(row: int) -> Node:
-    return Node(f"(vacant row {row})", 0, 0)
+    return Node(f"{VACANT_PREFIX}{row})", 0, 0)
 
 
 class ElasticState(ClusterState):
@@ -487,6 +490,9 @@ class ElasticState(ClusterState):
             self.capacity_share_milli = padded(self.capacity_share_milli)
             self.free_share_milli = padded(self.free_share_milli)
             self.free_device_memory_mib = padded(self.free_device_memory_mib)
+
+    def real_rows(self) -> np.ndarray:
+        return np.array([not n.name.startswith(VACANT_PREFIX) for n in self.nodes], dtype=bool)
 
     def set_row(self, row: int, node: Node) -> None:
         """Make ``row`` hold ``node`` with all of it free. The row must hold no grant."""

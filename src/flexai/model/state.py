@@ -58,8 +58,13 @@ class ClusterState:
         self.total_share_milli = int(self.capacity_share_milli.sum())
         self.allocated_share_milli = 0
         self.grants: dict[str, Placement] = {}
+
         self._journal: list[tuple[str, str, Placement]] = []
         assert shape == self.free_share_milli.shape
+
+    def real_rows(self) -> np.ndarray:
+        """Per row: does it hold a node? (All rows here; an adapter's state may keep vacant rows as headroom.)"""
+        return np.ones(self.node_count, dtype=bool)
 
     # ----------------------------------------------------------------- queries
     def model_mask(self, allowed_models: frozenset[str]) -> np.ndarray:

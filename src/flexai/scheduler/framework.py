@@ -195,11 +195,12 @@ class Scheduler:
     def explain(self, request: Request) -> str:
         """A reason a user can act on: how many nodes each filter rejected."""
         parts = []
+        real = self.state.real_rows()  # vacant rows kept as headroom are no nodes to the user
         for f in self.filters:
-            rejected = int((~f.feasible(self.state, request)).sum())
+            rejected = int((~f.feasible(self.state, request) & real).sum())
             if rejected:
                 parts.append(f"{rejected} {_REASONS.get(f.name, f.name)}")
-        return f"0/{self.state.node_count} nodes fit: " + ", ".join(parts)
+        return f"0/{int(real.sum())} nodes fit: " + ", ".join(parts)
 
     def choose_node(self, request: Request, feasible: np.ndarray) -> int:
         candidates = np.flatnonzero(feasible)
