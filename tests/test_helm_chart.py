@@ -432,7 +432,7 @@ def test_helm_template_renders_known_kinds(sets: tuple[str, ...], values: dict[s
     docs = helm_template(*sets)
     for doc in docs:
         assert (doc["apiVersion"], doc["kind"]) in ALLOWED_KINDS
-    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-scheduler-config")]
     check_kube_scheduler_config(kube_scheduler_config(configmap), values)
     kinds = {d["kind"] for d in docs}
     assert ("DaemonSet" in kinds) is ("agent.enabled=false" not in sets)

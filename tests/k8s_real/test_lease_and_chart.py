@@ -80,3 +80,7 @@ def test_the_charts_rendered_manifests_pass_a_server_side_dry_run(cluster: Contr
     assert result.returncode == 0, result.stderr
     accepted = [line for line in result.stdout.splitlines() if "(server dry run)" in line]
     assert len(accepted) == len(documents), result.stdout
+    # kube-scheduler's client rate limit ships as its production users at scale set it.
+    (configmap,) = [d for d in documents if d["metadata"]["name"].endswith("-scheduler-config")]
+    config = yaml.safe_load(configmap["data"]["config.yaml"])
+    assert (config["clientConnection"]["qps"], config["clientConnection"]["burst"]) == (100, 100)
