@@ -179,6 +179,16 @@ def test_leader_election_lets_one_replica_bind(apiserver: FakeApiServer) -> None
     assert "not the leader" in extender.bind({"PodName": "x", "PodNamespace": "default", "Node": "n1"})["Error"]
 
 
+def test_two_replicas_on_one_host_name_never_both_lead(apiserver: FakeApiServer) -> None:
+    """Seen against a real API server: two extender processes on one machine both took the host name as their
+    Lease identity, so each renewed "its own" Lease and both bound."""
+    a = SchedulerService(KubeClient(apiserver.url), lease_s=15)
+    b = SchedulerService(KubeClient(apiserver.url), lease_s=15)
+    assert a.elector.identity != b.elector.identity
+    assert a.elector.try_acquire_or_renew()
+    assert not b.elector.try_acquire_or_renew() and not b.elector.is_leader()
+
+
 def test_extender_http_endpoints() -> None:
     from fastapi.testclient import TestClient
 

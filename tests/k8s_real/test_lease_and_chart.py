@@ -34,32 +34,48 @@ def test_two_extender_replicas_contend_through_a_real_lease_and_exactly_one_bind
         ports = {name: cluster.start_extender(f"extender-{name}", "--leader-election") for name in ("a", "b")}
         for name, port in ports.items():
             cluster.start_scheduler(port, name=f"kube-scheduler-{name}", leader_elect=False)
-        holder = wait_until("a holder of the extenders' Lease", lambda: (cluster.request(
-            "GET", LEASE, ok=(200, 404)).get("spec") or {}).get("holderIdentity"), 60)  # fmt: skip
-        assert holder
+        wait_until("a holder of the extenders' Lease", lambda: lease_spec(cluster).get("holderIdentity"), 60)
 
-        # flexai-system is outside the webhook's namespaces: these pods name their scheduler themselves.
-        pods = [f"ha-{i}" for i in range(4)]
-        for name in pods:
-            create_pod(cluster, ha_pod(name))
-        for name in pods:
-            wait_bound(cluster, name, SYSTEM_NAMESPACE)
-        done = {name: binds_done(port) for name, port in ports.items()}
-        assert sorted(done.values()) == [0.0, float(len(pods))], done
+        # flexai-system is outside the webhook's namespaces: these pods name their scheduler themselves. A round
+        # counts only when the Lease did not change hands during it (a starved machine may let it expire; the
+        # next holder then confirms the binds already done, and the counts mix): up to three rounds.
+        clean_rounds: list[dict[str, float]] = []
+        for round_ in range(3):
+            before = {name: binds_done(port) for name, port in ports.items()}
+            lease_before = lease_spec(cluster)
+            pods = [f"ha-{round_}-{i}" for i in range(4)]
+            for name in pods:
+                create_pod(cluster, ha_pod(name))
+            for name in pods:
+                wait_bound(cluster, name, SYSTEM_NAMESPACE)
+            lease_after = lease_spec(cluster)
+            done = {name: binds_done(port) - before[name] for name, port in ports.items()}
+            if (lease_after.get("holderIdentity"), lease_after.get("leaseTransitions")) == (
+                lease_before.get("holderIdentity"), lease_before.get("leaseTransitions")):  # fmt: skip
+                clean_rounds.append(done)
+                break
+        assert clean_rounds, "the Lease changed hands in every round"
+        done = clean_rounds[0]
+        assert sorted(done.values()) == [0.0, 4.0], done  # the holder bound all four, the other none
 
         # The leader goes away: the other replica takes the Lease over and binds the next pod.
         leader = max(done, key=lambda n: done[n])
         other = "b" if leader == "a" else "a"
         cluster.processes[f"extender-{leader}"].stop()
+        binds_before = binds_done(ports[other])
         create_pod(cluster, ha_pod("ha-after"))
         wait_bound(cluster, "ha-after", SYSTEM_NAMESPACE, timeout_s=120)
-        assert binds_done(ports[other]) == 1.0
+        assert binds_done(ports[other]) == binds_before + 1
     finally:
         for name in ("a", "b"):
             for process in (f"kube-scheduler-{name}", f"extender-{name}"):
                 if process in cluster.processes:
                     cluster.processes[process].stop()
         cluster.start_scheduler(cluster.extender_ports[0])
+
+
+def lease_spec(cluster: ControlPlane) -> dict:
+    return cluster.request("GET", LEASE, ok=(200, 404)).get("spec") or {}
 
 
 def ha_pod(name: str) -> dict:

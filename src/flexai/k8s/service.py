@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import socket
 import threading
+import uuid
 
 from flexai.hi import HiConfig, QueueSpec
 from flexai.k8s import names
 from flexai.k8s.apiclient import Informer, KubeClient, LeaderElector
 from flexai.k8s.cluster import KubeCluster, PodRecord, slim_pod
 from flexai.k8s.extender import DEFAULT_ASSUME_TTL_S, Extender
+
+
+def unique_identity() -> str:
+    """This replica's name in the Lease: the host name and a random suffix, as client-go's leader election, since
+    two replicas may share a host name (hostNetwork pods on one node, or processes outside a cluster) and would
+    then both hold the Lease."""
+    return f"{socket.gethostname()}_{uuid.uuid4().hex[:12]}"
 
 
 def _slim_node(node: dict) -> dict:
@@ -47,7 +55,7 @@ class SchedulerService:
     ) -> None:
         self.client = client
         self.cluster = KubeCluster(inventory_timeout_s)
-        self.elector = LeaderElector(client, namespace, names.LEASE_NAME, identity or socket.gethostname(), lease_s)
+        self.elector = LeaderElector(client, namespace, names.LEASE_NAME, identity or unique_identity(), lease_s)
         self.leader_election = leader_election
         self.extender = Extender(
             self.cluster,
