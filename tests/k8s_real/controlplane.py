@@ -18,10 +18,8 @@ import base64
 import concurrent.futures
 import json
 import os
-import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -32,6 +30,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from flexai.k8s.apiclient import tls_context
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "flexai"
@@ -258,9 +258,10 @@ class ControlPlane:
         """An admin client (the admin certificate, verifying the API server against the test CA)."""
         if self._http is None:
             assert self.certs is not None
-            # An SSLContext carrying the client certificate: httpx ignores ``cert=`` beside a CA path.
-            context = ssl.create_default_context(cafile=str(self.certs.path("ca.crt")))
-            context.load_cert_chain(str(self.certs.path("admin.crt")), str(self.certs.path("admin.key")))
+            # One context with the client certificate, as flexai's own client builds it (httpx ignores ``cert=``
+            # beside a CA path).
+            cert = self.certs.path
+            context = tls_context(str(cert("ca.crt")), (cert("admin.crt"), cert("admin.key")))
             self._http = httpx.Client(
                 base_url=self.url,
                 verify=context,
@@ -412,15 +413,12 @@ class ControlPlane:
         self,
         names: Sequence[str],
         devices: int = 8,
-        model: str = "A100-80GB",
-        memory_mib: int = 81920,
         slots_per_device: int = 10,
         labels: dict[str, str] | None = None,
         workers: int = 16,
     ) -> None:
         """Nodes kwok manages, each with ``devices`` GPUs as the flexai device plugin (``flexai.io/vxpu``: one slot
         per share step) and as whole GPUs (``nvidia.com/gpu``, the plain-Kubernetes baseline) would advertise."""
-        del model, memory_mib  # the inventory is the agent's to publish
         resources = {
             "cpu": "256", "memory": "2Ti", "pods": "1000",
             "flexai.io/vxpu": str(devices * slots_per_device), "nvidia.com/gpu": str(devices),
@@ -574,6 +572,3 @@ def resource_path(doc: dict) -> str:
     middle = f"/namespaces/{namespace}" if namespace else ""
     return f"{prefix}{middle}/{plural}/{meta['name']}"
 
-
-def which_go() -> str | None:
-    return shutil.which("go")

@@ -12,6 +12,7 @@ T = TypeVar("T")
 
 NODES = ("kwok-a", "kwok-b", "kwok-c")
 """The session's three kwok nodes, of 8 sim A100-80GB each, with an agent each."""
+DEVICES = 8 * len(NODES)
 
 
 def wait_until(what: str, probe: Callable[[], T | None], timeout_s: float = 60.0, every_s: float = 0.25) -> T:

@@ -7,6 +7,7 @@ import time
 
 from tests.k8s_real.controlplane import ControlPlane
 from tests.k8s_real.helpers import (
+    DEVICES,
     NODES,
     clear_pods,
     container,
@@ -19,7 +20,6 @@ from tests.k8s_real.helpers import (
     wait_until,
 )
 
-DEVICES = 8 * len(NODES)
 LOW, HIGH = "flexai-test-low", "flexai-test-high"
 
 

@@ -7,7 +7,7 @@ import signal
 
 from tests.k8s_real.controlplane import ControlPlane
 from tests.k8s_real.helpers import (
-    NODES,
+    DEVICES,
     clear_pods,
     container,
     create_pod,
@@ -15,8 +15,6 @@ from tests.k8s_real.helpers import (
     vxpu,
     wait_bound,
 )
-
-DEVICES = 8 * len(NODES)
 
 
 def whole_device_pods(cluster: ControlPlane, prefix: str) -> list[str]:
