@@ -344,12 +344,23 @@ class ControlPlane:
 
         self._wait("kube-apiserver", ready, timeout_s, process)
 
-    def restart_apiserver(self) -> None:
+    def stop_apiserver(self) -> None:
         self.processes["kube-apiserver"].stop()
         if self._http is not None:
             self._http.close()
             self._http = None
+
+    def restart_apiserver(self) -> None:
+        self.stop_apiserver()
         self.start_apiserver()
+
+    def etcd_bump_revision(self) -> int:
+        """Write one key outside the API server's prefix, so etcd's revision moves on; returns the new revision."""
+        base = f"http://127.0.0.1:{self.etcd_port}/v3"
+        body = {"key": base64.b64encode(b"/flexai-test/bump").decode(), "value": base64.b64encode(b"1").decode()}
+        response = httpx.post(f"{base}/kv/put", json=body, timeout=10)
+        response.raise_for_status()
+        return int(response.json()["header"]["revision"])
 
     def start_controller_manager(self) -> None:
         assert self.certs is not None

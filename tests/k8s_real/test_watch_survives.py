@@ -36,8 +36,14 @@ def test_the_extender_relists_after_compaction_and_an_api_server_restart(cluster
     # pod restarts): stop it first and start it again after, as its pod would.
     cluster.processes["kube-scheduler"].stop()
     try:
-        clear_pods(cluster)  # the DELETE events it would need
-        cluster.restart_apiserver()  # its watch connection breaks; the new watch cache starts at etcd's revision
+        # A stopped process still receives into its socket buffer: events sent before the restart (the old API
+        # server's deletes, or the bookmark it sends its watchers as it shuts down) would reach the extender when it
+        # resumes. So the API server goes first, and etcd's revision moves on before the new one starts: its watch
+        # cache begins past anything the extender saw.
+        cluster.stop_apiserver()
+        cluster.etcd_bump_revision()
+        cluster.start_apiserver()
+        clear_pods(cluster)  # the DELETE events it would need, on the new API server only
         cluster.etcd_compact()  # and etcd's history before now is gone
     finally:
         extender.signal(signal.SIGCONT)
