@@ -81,10 +81,10 @@ from tests.k8s_real.controlplane import (  # noqa: E402
     kubernetes_version,
     missing_binaries,
     peak_rss_mib,
+    sim_inventory_json,
 )
 
 from flexai.k8s import names  # noqa: E402
-from flexai.node.devices import discover  # noqa: E402
 from flexai.sim.openb import load_pods  # noqa: E402
 
 DEVICES_PER_NODE = 8
@@ -372,18 +372,6 @@ def node_names(count: int) -> list[str]:
     return [f"kwok-{i:05d}" for i in range(count)]
 
 
-def inventory_json() -> str:
-    """What NodeAgent.inventory publishes for ``--devices sim:8xA100-80GB`` (every device healthy), heartbeat now."""
-    backend, devices = discover(SIM_DEVICES)
-    inventory = names.Inventory(
-        devices=tuple(names.InventoryDevice(d.index, d.uuid, d.model, d.memory_mib, True) for d in devices),
-        share_step_milli=SHARE_STEP_MILLI,
-        heartbeat=time.time(),
-        vendor=backend.name,
-    )
-    return inventory.to_json()
-
-
 def setup_nodes(plane: ControlPlane, api: ApiClient, nodes: list[str], threads: int) -> dict[str, float]:
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -395,7 +383,7 @@ def setup_nodes(plane: ControlPlane, api: ApiClient, nodes: list[str], threads: 
     timings["create_nodes_s"] = round(time.monotonic() - started, 1)
 
     started = time.monotonic()
-    text = inventory_json()
+    text = sim_inventory_json(SIM_DEVICES, SHARE_STEP_MILLI)
     # With the inventory, the taint the API server's admission (TaintNodesByCondition) puts on every new node goes
     # (node.kubernetes.io/not-ready:NoSchedule): the node lifecycle controller, which removes it once the node is
     # Ready, does not run here (kwok makes the nodes Ready; a lifecycle controller would taint them again whenever

@@ -36,6 +36,7 @@ class FakeApiServer:
         self.bind_calls = 0
         self.list_calls = 0
         self.pod_patches = 0
+        self.status_patches: list[tuple[str, dict]] = []
         self.evictions: list[str] = []
         """``namespace/name`` of every pod evicted."""
         self.refused_evictions: list[str] = []
@@ -216,6 +217,17 @@ class FakeApiServer:
                 if pod is None:
                     raise HTTPException(404, "not found")
                 merge(pod, patch)
+                return copy.deepcopy(server._record("pods", "MODIFIED", pod))
+
+        @app.patch("/api/v1/namespaces/{ns}/pods/{name}/status")
+        async def patch_pod_status(ns: str, name: str, request: Request) -> dict:
+            patch = json.loads(await request.body())
+            with server.lock:
+                server.status_patches.append((f"{ns}/{name}", copy.deepcopy(patch)))
+                pod = server.pods.get(f"{ns}/{name}")
+                if pod is None:
+                    raise HTTPException(404, "not found")
+                merge(pod, {"status": patch.get("status", {})})  # the status subresource changes status only
                 return copy.deepcopy(server._record("pods", "MODIFIED", pod))
 
         @app.patch("/api/v1/nodes/{name}")

@@ -253,7 +253,12 @@ def check_kube_scheduler_config(config: dict[str, Any], values: dict[str, Any]) 
     assert extender["weight"] == values["scheduler"]["extender"]["weight"]
     # kube-scheduler sends node names only; the extender's own list+watch is the source of truth.
     assert extender["nodeCacheCapable"] is True
-    assert config["percentageOfNodesToScore"] == values["scheduler"]["percentageOfNodesToScore"] == 100
+    # kube-scheduler's adaptive sample: the Hi Scheduler nominates a node outside it (status.nominatedNodeName).
+    assert config["percentageOfNodesToScore"] == values["scheduler"]["percentageOfNodesToScore"] == 0
+    # Preemption is the Hi Scheduler's alone: kube-scheduler's own would choose victims without the slices.
+    (profile,) = config["profiles"]
+    assert values["scheduler"]["extender"]["hi"] is True
+    assert profile["plugins"]["postFilter"]["disabled"] == [{"name": "DefaultPreemption"}]
     assert extender["enableHTTPS"] is False
     managed = {r["name"]: r["ignoredByScheduler"] for r in extender["managedResources"]}
     assert managed == {

@@ -31,7 +31,9 @@ from typing import Any
 import httpx
 import yaml
 
+from flexai.k8s import names as flexai_names
 from flexai.k8s.apiclient import tls_context
+from flexai.node.devices import discover
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "flexai"
@@ -511,7 +513,7 @@ class ControlPlane:
     ) -> dict:
         """The chart's KubeSchedulerConfiguration (rendered by helm), with this machine's kubeconfig and the
         client rate limit written down in SCHEDULER_QPS/SCHEDULER_BURST; without ``extender_port``, the same
-        scheduler with no extender (the plain-Kubernetes baseline)."""
+        scheduler with no extender and kube-scheduler's default plugins (the plain-Kubernetes baseline)."""
         sets = [f"scheduler.extender.port={extender_port or 8888}"]
         rendered = self.render_chart(*sets)
         configmap = next(d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith(
@@ -526,6 +528,7 @@ class ControlPlane:
         config["profiles"][0]["schedulerName"] = scheduler_name
         if extender_port is None:
             config.pop("extenders", None)
+            config["profiles"][0].pop("plugins", None)  # kube-scheduler's own plugins, preemption included
         return config
 
     def start_scheduler(
@@ -583,3 +586,15 @@ def resource_path(doc: dict) -> str:
     middle = f"/namespaces/{namespace}" if namespace else ""
     return f"{prefix}{middle}/{plural}/{meta['name']}"
 
+
+def sim_inventory_json(devices: str = "sim:8xA100-80GB", share_step_milli: int = 100) -> str:
+    """What ``flexai k8s agent --devices <devices>`` publishes in its node's inventory annotation (every device
+    healthy, heartbeat now): for nodes without an agent process of their own."""
+    backend, found = discover(devices)
+    inventory = flexai_names.Inventory(
+        devices=tuple(flexai_names.InventoryDevice(d.index, d.uuid, d.model, d.memory_mib, True) for d in found),
+        share_step_milli=share_step_milli,
+        heartbeat=time.time(),
+        vendor=backend.name,
+    )
+    return inventory.to_json()

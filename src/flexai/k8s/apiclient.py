@@ -281,6 +281,16 @@ class KubeClient:
         }
         self._post_fast(f"/api/v1/namespaces/{namespace}/pods/{name}/binding", body)
 
+    def nominate_pod(self, namespace: str, name: str, node: str) -> None:
+        """Merge-patch the pod's ``status.nominatedNodeName``: kube-scheduler tries a pod's nominated node first
+        (that node alone, extenders included) on its next attempt, before it samples nodes."""
+        self._call(
+            "PATCH",
+            f"/api/v1/namespaces/{namespace}/pods/{name}/status",
+            content=json.dumps({"status": {"nominatedNodeName": node}}),
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+
     def evict_pod(self, namespace: str, name: str, uid: str = "") -> None:
         """POST pods/eviction (policy/v1 Eviction): the API server honours PodDisruptionBudgets and answers
         429 when one refuses."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +51,8 @@ from flexai.k8s.hibridge import Eviction, HiBridge
 from flexai.model import Request
 from flexai.model.workload import WorkloadProfile
 from flexai.scheduler import Policy, PolicyContext, Scheduler, create_policy
+
+log = logging.getLogger(__name__)
 
 MAX_EXTENDER_PRIORITY = 10
 DEFAULT_ASSUME_TTL_S = 30.0
@@ -327,15 +330,36 @@ class Extender:
             self._count("scheduled")
             failed = {n: f"flexai: placed on {decision.node}" for n in candidates if n != decision.node}
             return self._filter_result(args, [decision.node], failed, {})
-        self._count("unschedulable")
         reason = decision.reason
         if decision.node:
-            reason = f"placed on {decision.node}, which is not among the nodes kube-scheduler's filters passed"
+            # kube-scheduler samples nodes (percentageOfNodesToScore) and Hi placed the pod on its whole view:
+            # nominating the node makes kube-scheduler's next attempt try that node alone, first.
+            self._count("nominated")
+            reason = self._nominate(pod, decision.node)
+        else:
+            self._count("unschedulable")
         text = "flexai: " + reason
         if decision.unresolvable:
             self._warn_once(pod, "FlexaiUnschedulable", reason)
             return self._filter_result(args, [], {}, {n: text for n in candidates})
         return self._filter_result(args, [], {n: text for n in candidates}, {})
+
+    def _nominate(self, pod: dict, node: str) -> str:
+        """Write ``node`` into the pod's ``status.nominatedNodeName`` (unless it is there already); the reason
+        kube-scheduler records for this attempt."""
+        where = f"placed on {node}, which is not among the nodes kube-scheduler sampled"
+        if (pod.get("status") or {}).get("nominatedNodeName") == node:
+            return where + f"; nominated there already (kube-scheduler's filters may refuse {node})"
+        nominate = getattr(self.api, "nominate_pod", None)
+        meta = pod.get("metadata") or {}
+        if nominate is None or not meta.get("name"):
+            return where
+        try:
+            nominate(meta.get("namespace") or "default", meta["name"], node)
+        except Exception as exc:  # noqa: BLE001  (the next attempt nominates again)
+            log.warning("nominating %s for %s/%s: %s", node, meta.get("namespace"), meta.get("name"), exc)
+            return where + f"; nominating it failed ({exc})"
+        return where + "; nominated there, so kube-scheduler tries it first next time"
 
     def _evict(self, evictions: list[Eviction]) -> bool:
         """Evict the victims through the Eviction API (PodDisruptionBudgets hold); a refusal rolls back the
