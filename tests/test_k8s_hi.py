@@ -85,12 +85,17 @@ def test_queue_config_is_parsed_and_checked() -> None:
 class Harness:
     """kube-scheduler's part: filter, prioritize and bind each pending pod, round after round."""
 
-    def __init__(self, gpus_per_node: dict[str, int], queues: str = "", **hi: float) -> None:
+    def __init__(self, gpus_per_node: dict[str, int], queues: str = "", nominate: bool = False, **hi: float) -> None:
+        """``nominate``: the service's nominator thread runs too (off by default: the rounds decide alone)."""
         self.server = FakeApiServer()
         self.server.start()
         config = HiConfig(**hi) if hi else HiConfig(normal_min_runtime_s=0.0, preempt_backoff_s=0.0)
         self.service = SchedulerService(
-            KubeClient(self.server.url), leader_election=False, queues=parse_queues(queues), hi_config=config
+            KubeClient(self.server.url),
+            leader_election=False,
+            queues=parse_queues(queues),
+            hi_config=config,
+            nominate=nominate,
         )
         self.nodes = list(gpus_per_node)
         for name, gpus in gpus_per_node.items():

@@ -204,6 +204,13 @@ def scheduler(
     hi: Annotated[
         bool, typer.Option(help="Decide through the Hi Scheduler (queues, priority classes, preemption, gangs).")
     ] = True,
+    nominate: Annotated[
+        bool,
+        typer.Option(
+            help="With --hi: write where Hi placed each pending pod into its status.nominatedNodeName as it arrives, "
+            "which kube-scheduler tries alone before sampling nodes."
+        ),
+    ] = True,
     queues: Annotated[
         Path | None, typer.Option(help="Queue configuration (queues.yaml of the flexai-queues ConfigMap).")
     ] = None,
@@ -240,6 +247,7 @@ def scheduler(
         inventory_timeout_s=inventory_timeout,
         hi=hi,
         queues=queue_specs,
+        nominate=nominate,
     )
     service.start()
     if metrics_port:

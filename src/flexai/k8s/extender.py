@@ -22,6 +22,7 @@ it binds it, so the extender needs no right to patch pods.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import logging
@@ -145,6 +146,10 @@ class Extender:
         self.assume_ttl_s = assume_ttl_s
         self.per_device_metrics_limit = per_device_metrics_limit
         self.lock = threading.RLock()
+        self._nominating: set[str] = set()
+        """Pods whose status.nominatedNodeName is being written now (each once at a time)."""
+        self._nominators: concurrent.futures.ThreadPoolExecutor | None = None
+        self._closed = False
         self._scheduler: Scheduler | None = None
         self._scheduler_version = -1
         self._layout_version = -1
@@ -345,21 +350,80 @@ class Extender:
         return self._filter_result(args, [], {n: text for n in candidates}, {})
 
     def _nominate(self, pod: dict, node: str) -> str:
-        """Write ``node`` into the pod's ``status.nominatedNodeName`` (unless it is there already); the reason
-        kube-scheduler records for this attempt."""
+        """Have ``node`` written into the pod's ``status.nominatedNodeName`` (unless it is there already), in the
+        background: filter runs on the event loop and must not wait on the API server. The reason kube-scheduler
+        records for this attempt."""
         where = f"placed on {node}, which is not among the nodes kube-scheduler sampled"
         if (pod.get("status") or {}).get("nominatedNodeName") == node:
             return where + f"; nominated there already (kube-scheduler's filters may refuse {node})"
-        nominate = getattr(self.api, "nominate_pod", None)
         meta = pod.get("metadata") or {}
-        if nominate is None or not meta.get("name"):
+        if not meta.get("name") or getattr(self.api, "nominate_pod", None) is None:
             return where
+        self._submit_publish(pod_key(pod), meta.get("namespace") or "default", meta["name"], node)
+        return where + "; nominating it there, so kube-scheduler tries it first next time"
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self.lock:
+            if self._closed:
+                raise RuntimeError("the extender is closed")
+            if self._nominators is None:
+                # Several at once: one PATCH at a time falls behind a burst of arrivals on a loaded API server.
+                self._nominators = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="flexai-nominate")
+            return self._nominators
+
+    def _submit_publish(self, key: str, namespace: str, name: str, node: str) -> concurrent.futures.Future | None:
+        with self.lock:
+            if key in self._nominating:
+                return None
+            self._nominating.add(key)
         try:
-            nominate(meta.get("namespace") or "default", meta["name"], node)
-        except Exception as exc:  # noqa: BLE001  (the next attempt nominates again)
-            log.warning("nominating %s for %s/%s: %s", node, meta.get("namespace"), meta.get("name"), exc)
-            return where + f"; nominating it failed ({exc})"
-        return where + "; nominated there, so kube-scheduler tries it first next time"
+            return self._executor().submit(self._publish, key, namespace, name, node)
+        except RuntimeError:  # shut down
+            with self.lock:
+                self._nominating.discard(key)
+            return None
+
+    def _publish(self, key: str, namespace: str, name: str, node: str) -> str:
+        """PATCH the pod's ``status.nominatedNodeName`` to ``node`` (outside the lock); '' or what went wrong."""
+        try:
+            self.api.nominate_pod(namespace, name, node)  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001  (the next pass or attempt nominates again)
+            if not (isinstance(exc, ApiError) and exc.status == 404):  # 404: the pod is gone
+                log.warning("nominating %s for %s/%s: %s", node, namespace, name, exc)
+            return str(exc)
+        else:
+            self._count("nominated", "nominate")
+            with self.lock:
+                if self.bridge is not None and key in self.bridge.nominated:
+                    self.bridge.published[key] = node
+            return ""
+        finally:
+            with self.lock:
+                self._nominating.discard(key)
+
+    def nominate_pending(self) -> int:
+        """Run a Hi cycle now and tell kube-scheduler where Hi placed the pending pods before it gets to them:
+        each pod's ``status.nominatedNodeName``, which kube-scheduler evaluates alone before sampling nodes. So a
+        pod's first attempt already looks at Hi's node (no refused attempt, no backoff). Only the leader does it;
+        evictions the cycle decided are carried out as filter would. Returns how many pods were nominated."""
+        if self.bridge is None or getattr(self.api, "nominate_pod", None) is None:
+            return 0
+        if not self.ready() or not self.is_leader():
+            return 0
+        with self.lock:
+            evictions = self.bridge.cycle()
+            todo = self.bridge.unpublished()
+        if evictions:
+            self._evict(evictions)
+        futures = [f for f in (self._submit_publish(*item) for item in todo) if f is not None]
+        return sum(1 for f in futures if not f.result())
+
+    def close(self) -> None:
+        """Stop the background writers (what is queued is dropped; the next leader nominates again)."""
+        with self.lock:
+            executor, self._nominators, self._closed = self._nominators, None, True
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     def _evict(self, evictions: list[Eviction]) -> bool:
         """Evict the victims through the Eviction API (PodDisruptionBudgets hold); a refusal rolls back the

@@ -91,6 +91,8 @@ class HiBridge:
         self._stamp: tuple[int, int] | None = None
         self.dirty: set[str] = set()
         self.nominated: dict[str, Start] = {}
+        self.published: dict[str, str] = {}
+        """The node each pending pod was nominated to in the API server (``status.nominatedNodeName``)."""
         self.items: dict[str, WorkItem] = {}
         self.first_seen: dict[str, float] = {}
         self.external: set[str] = set()
@@ -196,6 +198,7 @@ class HiBridge:
         ours = record.demand is not None and record.work is not None and not record.error
         if record.node:
             self.nominated.pop(key, None)
+            self.published.pop(key, None)
             if key in hi.stopping:
                 return  # a victim whose eviction is under way: its slices already belong to its preemptor
             running = hi.running.get(key)
@@ -242,6 +245,7 @@ class HiBridge:
         hi = self.hi
         assert hi is not None
         self.nominated.pop(key, None)
+        self.published.pop(key, None)
         if key in hi.pending:
             hi.withdraw(key)
         elif key in hi.running or key in hi.stopping:
@@ -255,13 +259,17 @@ class HiBridge:
         self.problems.pop(key, None)
 
     # ----------------------------------------------------------------- decisions
-    def decide(self, key: str) -> Decision:
-        """Run a cycle and say where the pod ``key`` may go now (filter)."""
+    def cycle(self) -> list[Eviction]:
+        """Run a cycle now over every pod the view holds; the evictions it decided, for the caller to carry out."""
         hi = self._ensure()
         if hi is None:
-            return Decision(reason="no flexai node in the cluster")
+            return []
         self.sync()
-        self._sync(key)
+        self._cycle(hi)
+        evictions, self.pending_evictions = self.pending_evictions, []
+        return evictions
+
+    def _cycle(self, hi: HiScheduler) -> None:
         now = self.cluster.clock()
         result = hi.cycle(now)
         assert not result.moves, "moves are off on Kubernetes (MOVES_NOT_SUPPORTED)"
@@ -269,6 +277,28 @@ class HiBridge:
             self.nominated[start.item.id] = start
         for preempt in result.preemptions:
             self._preempted(preempt, now)
+
+    def unpublished(self) -> list[tuple[str, str, str, str]]:
+        """(key, namespace, name, node) of the pending pods Hi placed whose node kube-scheduler was not told yet
+        (``status.nominatedNodeName``, which it tries alone first); remote slices are placed at bind instead."""
+        todo = []
+        for key, start in self.nominated.items():
+            record = self.cluster.pods.get(key)
+            if record is None or record.node or record.demand is None or record.demand.remote:
+                continue
+            flex = self.cluster.flex_nodes[start.placement.node_index]
+            if flex is not None and self.published.get(key) != flex.name:
+                todo.append((key, record.namespace, record.name, flex.name))
+        return todo
+
+    def decide(self, key: str) -> Decision:
+        """Run a cycle and say where the pod ``key`` may go now (filter)."""
+        hi = self._ensure()
+        if hi is None:
+            return Decision(reason="no flexai node in the cluster")
+        self.sync()
+        self._sync(key)
+        self._cycle(hi)
         decision = Decision(evictions=self.pending_evictions)
         self.pending_evictions = []
         if key in self.problems:
@@ -284,7 +314,7 @@ class HiBridge:
         node = self.cluster.flex_nodes[start.placement.node_index]
         if node is None:
             decision.reason = "the node it was placed on is gone; placed again"
-            self._unnominate(key, now)
+            self._unnominate(key, self.cluster.clock())
             return decision
         waiting = [v for v in start.after if v in self.evicting and self._present(v)]
         if waiting:

@@ -3,6 +3,7 @@ election, wired together."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import uuid
@@ -12,6 +13,8 @@ from flexai.k8s import names
 from flexai.k8s.apiclient import Informer, KubeClient, LeaderElector
 from flexai.k8s.cluster import KubeCluster, PodRecord, slim_pod
 from flexai.k8s.extender import DEFAULT_ASSUME_TTL_S, Extender
+
+log = logging.getLogger(__name__)
 
 
 def unique_identity() -> str:
@@ -52,7 +55,12 @@ class SchedulerService:
         hi: bool = True,
         queues: list[QueueSpec] | None = None,
         hi_config: HiConfig | None = None,
+        nominate: bool = True,
+        nominate_every_s: float = 5.0,
     ) -> None:
+        """``nominate`` (with ``hi``): a thread runs a Hi cycle as pods arrive (a burst in one cycle) and writes
+        each placement into the pod's ``status.nominatedNodeName`` ahead of kube-scheduler, and again every
+        ``nominate_every_s`` for what other changes made placeable."""
         self.client = client
         self.cluster = KubeCluster(inventory_timeout_s)
         self.elector = LeaderElector(client, namespace, names.LEASE_NAME, identity or unique_identity(), lease_s)
@@ -84,6 +92,7 @@ class SchedulerService:
         def replace_pods(items: list[PodRecord]) -> None:
             with lock:
                 cluster.replace_pods(items)
+            self._arrivals.set()
 
         def pod_event(kind: str, pod: PodRecord) -> None:
             with lock:
@@ -91,6 +100,8 @@ class SchedulerService:
                     cluster.delete_pod(pod.key)
                 else:
                     cluster.upsert_pod(pod)
+            if kind == "DELETED" or (kind == "ADDED" and not pod.node):
+                self._arrivals.set()  # a pod to place, or room freed
 
         # Pods and Nodes are cut down to what the view reads as they arrive: 150,000 pods fit in the extender's
         # memory limit (docs/kubernetes.md).
@@ -100,12 +111,29 @@ class SchedulerService:
         self.extender.ready = lambda: self.node_informer.synced.is_set() and self.pod_informer.synced.is_set()
         self._stop = threading.Event()
         self._elector_thread = threading.Thread(target=self._elect, name="flexai-leader-election", daemon=True)
+        self.nominate = nominate and hi
+        self.nominate_every_s = nominate_every_s
+        self._arrivals = threading.Event()
+        self._nominator_thread = threading.Thread(target=self._nominate, name="flexai-nominator", daemon=True)
 
     def start(self) -> None:
         self.node_informer.start()
         self.pod_informer.start()
         if self.leader_election:
             self._elector_thread.start()
+        if self.nominate:
+            self._nominator_thread.start()
+
+    def _nominate(self) -> None:
+        while not self._stop.is_set():
+            self._arrivals.wait(self.nominate_every_s)
+            if self._stop.wait(0.05):  # the rest of a burst of arrivals goes in the same cycle
+                return
+            self._arrivals.clear()
+            try:
+                self.extender.nominate_pending()
+            except Exception:  # noqa: BLE001  (the next pass tries again; filter decides meanwhile)
+                log.exception("flexai scheduler: nominating pending pods")
 
     def wait_synced(self, timeout_s: float = 30) -> bool:
         return self.node_informer.synced.wait(timeout_s) and self.pod_informer.synced.wait(timeout_s)
@@ -119,3 +147,4 @@ class SchedulerService:
         self._stop.set()
         self.node_informer.stop()
         self.pod_informer.stop()
+        self.extender.close()
