@@ -310,13 +310,14 @@ def test_rbac_is_least_privilege(values: dict[str, Any]) -> None:
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "get", "update", "delete"]},
     ]
     assert values["agent"]["remote"]["enabled"] is False
-    # The extender binds with the placement in the Binding: it patches no pod. It preempts through the
-    # Eviction API (PodDisruptionBudgets hold): it deletes no pod.
+    # The extender binds with the placement in the Binding: it patches no pod, only the status of pending ones
+    # (nominatedNodeName). It preempts through the Eviction API (PodDisruptionBudgets hold): it deletes no pod.
     scheduler = {(r["resources"][0], tuple(r["verbs"])) for r in rules_of(docs, "ClusterRole", "-scheduler")}
     assert scheduler == {
         ("nodes", ("get", "list", "watch")),
         ("pods", ("get", "list", "watch")),
         ("pods/binding", ("create",)),
+        ("pods/status", ("patch",)),
         ("pods/eviction", ("create",)),
         ("events", ("create",)),
     }

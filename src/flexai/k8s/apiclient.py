@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import orjson
 
 from flexai.k8s.extender import ApiError
 
@@ -136,13 +137,17 @@ class KubeClient:
             self._local.conn = None
 
     def _post_fast(self, path: str, body: dict) -> dict:
-        data = json.dumps(body, separators=(",", ":")).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json", **self.headers}
+        payload = self._send_fast("POST", path, json.dumps(body, separators=(",", ":")).encode(), "application/json")
+        return json.loads(payload) if payload else {}
+
+    def _send_fast(self, method: str, path: str, data: bytes, content_type: str) -> bytes:
+        """One request on this thread's kept-alive connection; the answer's body (raises ApiError for >= 400)."""
+        headers = {"Content-Type": content_type, "Accept": "application/json", **self.headers}
         target = urlsplit(self.base_url).path.rstrip("/") + path
         for attempt in (0, 1):  # a kept-alive connection the server has closed: once more on a new one
             conn = self._connection(fresh=attempt > 0)
             try:
-                conn.request("POST", target, body=data, headers=headers)
+                conn.request(method, target, body=data, headers=headers)
                 response = conn.getresponse()
                 payload = response.read()
                 break
@@ -150,14 +155,14 @@ class KubeClient:
                 conn.close()
                 self._local.conn = None
                 if attempt:
-                    raise ApiError(503, f"POST {path}: {exc}") from None
+                    raise ApiError(503, f"{method} {path}: {exc}") from None
         if response.status >= 400:
             try:
                 message = json.loads(payload).get("message", payload.decode(errors="replace"))
             except (ValueError, AttributeError):
                 message = payload.decode(errors="replace")
             raise ApiError(response.status, message)
-        return json.loads(payload) if payload else {}
+        return payload
 
     @classmethod
     def in_cluster(cls) -> KubeClient:
@@ -234,7 +239,7 @@ class KubeClient:
                 for line in response.iter_lines():
                     if not line.strip():
                         continue
-                    event = json.loads(line)
+                    event = orjson.loads(line)  # every pod event of the cluster passes here
                     if event.get("type") == "ERROR":
                         status = event.get("object", {})
                         raise ApiError(int(status.get("code", 500)), status.get("message", "watch error"))
@@ -284,12 +289,10 @@ class KubeClient:
     def nominate_pod(self, namespace: str, name: str, node: str) -> None:
         """Merge-patch the pod's ``status.nominatedNodeName``: kube-scheduler tries a pod's nominated node first
         (that node alone, extenders included) on its next attempt, before it samples nodes."""
-        self._call(
-            "PATCH",
-            f"/api/v1/namespaces/{namespace}/pods/{name}/status",
-            content=json.dumps({"status": {"nominatedNodeName": node}}),
-            headers={"Content-Type": "application/merge-patch+json"},
-        )
+        # On the fast path, its answer (the whole pod) unread: one for every pod that arrives.
+        body = json.dumps({"status": {"nominatedNodeName": node}}, separators=(",", ":")).encode()
+        path = f"/api/v1/namespaces/{namespace}/pods/{name}/status"
+        self._send_fast("PATCH", path, body, "application/merge-patch+json")
 
     def evict_pod(self, namespace: str, name: str, uid: str = "") -> None:
         """POST pods/eviction (policy/v1 Eviction): the API server honours PodDisruptionBudgets and answers

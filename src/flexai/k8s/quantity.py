@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from decimal import Decimal, InvalidOperation
@@ -27,6 +28,17 @@ def parse_quantity_with_suffix(value: object) -> tuple[Decimal, bool]:
     if isinstance(value, float) and not math.isfinite(value):
         raise QuantityError(f"{value!r}")
     text = str(value).strip() if isinstance(value, str) else repr(value)
+    if len(text) <= 32:  # every pod event carries the same few quantities: parse each text once
+        return _parse_text(text)
+    return _parse_uncached(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_text(text: str) -> tuple[Decimal, bool]:
+    return _parse_uncached(text)
+
+
+def _parse_uncached(text: str) -> tuple[Decimal, bool]:
     match = _QUANTITY.match(text)
     if match is None:
         raise QuantityError(text)
