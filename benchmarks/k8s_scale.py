@@ -13,15 +13,17 @@ without its node lifecycle controller (see DROPPED_CONTROLLERS) and kwok, built 
    this runs on. No heartbeat follows, so the extender runs with ``--inventory-timeout 86400``. The same PATCH
    removes the ``node.kubernetes.io/not-ready`` taint the API server puts on new nodes, as the node lifecycle
    controller (not run here) does once kwok has made them Ready.
-2. **Baseline**: the real kube-scheduler alone (the chart's KubeSchedulerConfiguration without the extender,
-   profile ``default-scheduler``) schedules PODS pods asking for whole GPUs (``nvidia.com/gpu``; a fractional
-   pod takes one whole GPU), all created at once by a thread pool.
+2. **Baseline**: the real kube-scheduler alone (the chart's KubeSchedulerConfiguration without the extender and
+   with kube-scheduler's default plugins, profile ``default-scheduler``; its adaptive ``percentageOfNodesToScore``)
+   schedules PODS pods asking for whole GPUs (``nvidia.com/gpu``; a fractional pod takes one whole GPU), all
+   created at once by a thread pool.
 3. **flexai**: the baseline's pods deleted (and gone: one DELETE per pod, gracePeriodSeconds 0, in parallel) and
    its kube-scheduler stopped, then the flexai extender (``flexai k8s scheduler``, as the chart runs it: Hi
    Scheduler on, no leader election of its own) and kube-scheduler with the chart's configuration (profile
-   ``flexai-scheduler``, the extender filtering, ranking and binding) schedule the same pods asking for slices
-   (``flexai.io/vxpu``, ``flexai.io/vxpu-share``). The pods are written as the webhook leaves them
-   (``schedulerName: flexai-scheduler``); the webhook itself does not run.
+   ``flexai-scheduler``, the extender filtering, ranking and binding; the extender writes each Hi placement
+   into the pod's ``status.nominatedNodeName`` as pods arrive, which kube-scheduler tries alone first) schedule
+   the same pods asking for slices (``flexai.io/vxpu``, ``flexai.io/vxpu-share``). The pods are written as the
+   webhook leaves them (``schedulerName: flexai-scheduler``); the webhook itself does not run.
 
 The pods are drawn (fixed seed) from the GPU pods of the bundled default trace (Alibaba openb): device count
 and share per device; shares are rounded up to the 100-milli step, as the webhook does for translated requests
