@@ -11,15 +11,20 @@ from tests.pool_helpers import wait_for
 from tests.test_k8s_hi import Harness, workload_pod
 
 
+def one_pod_and_hi_node(h: Harness) -> tuple[dict, str]:
+    """A pending half-device pod ``p`` and the node the Hi Scheduler placed it on (what filter passes from all)."""
+    h.server.add_pod(workload_pod("p", 500, "q", "normal"))
+    h.settle()
+    (pending,) = h.pending()
+    (chosen,) = h.service.extender.filter({"Pod": pending, "NodeNames": h.nodes})["NodeNames"]
+    return pending, chosen
+
+
 def test_a_node_outside_kube_schedulers_sample_is_nominated_then_passes_alone() -> None:
     h = Harness({"node-0": 2, "node-1": 2, "node-2": 2, "node-3": 2})
     try:
-        h.server.add_pod(workload_pod("p", 500, "q", "normal"))
-        h.settle()
-        (pending,) = h.pending()
+        pending, chosen = one_pod_and_hi_node(h)
         extender = h.service.extender
-
-        (chosen,) = extender.filter({"Pod": pending, "NodeNames": h.nodes})["NodeNames"]
         sample = [n for n in h.nodes if n != chosen]
 
         refused = extender.filter({"Pod": pending, "NodeNames": sample})
@@ -59,11 +64,8 @@ def test_a_node_outside_kube_schedulers_sample_is_nominated_then_passes_alone() 
 def test_a_failed_nomination_still_refuses_with_the_reason_and_is_tried_again() -> None:
     h = Harness({"node-0": 2, "node-1": 2})
     try:
-        h.server.add_pod(workload_pod("p", 500, "q", "normal"))
-        h.settle()
-        (pending,) = h.pending()
+        pending, chosen = one_pod_and_hi_node(h)
         extender = h.service.extender
-        (chosen,) = extender.filter({"Pod": pending, "NodeNames": h.nodes})["NodeNames"]
         other = [n for n in h.nodes if n != chosen]
         h.server.fail("PATCH", "/status", 500)
         refused = extender.filter({"Pod": pending, "NodeNames": other})
