@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 
 from flexai.k8s import names
+from flexai.k8s.extender import ASKED_WITHIN_S
 from tests.pool_helpers import wait_for
 from tests.test_k8s_hi import Harness, workload_pod
 
@@ -95,7 +96,11 @@ def test_pods_are_nominated_as_they_arrive_before_kube_scheduler_asks() -> None:
     call; one that can never fit carries none. kube-scheduler's first attempt then binds it there."""
     h = Harness({"node-0": 2, "node-1": 2, "node-2": 2}, nominate=True)
     try:
-        for i in range(8):
+        h.server.add_pod(workload_pod("half-0", 500, "q", "normal"))
+        h.settle()
+        # kube-scheduler asks this replica (its first pod): from here on it nominates ahead.
+        h.service.extender.filter({"Pod": h.pending()[0], "NodeNames": h.nodes})
+        for i in range(1, 8):
             h.server.add_pod(workload_pod(f"half-{i}", 500, "q", "normal"))
         h.server.add_pod(workload_pod("too-big", 1000, "q", "normal", count=4))  # 4 devices: no node has them
 
@@ -131,6 +136,26 @@ def test_pods_are_nominated_as_they_arrive_before_kube_scheduler_asks() -> None:
         h.server.add_pod(workload_pod("late", 1000, "q", "normal", count=2))
         wait_for(lambda: bool(nominated_in_api(h).get("late")), timeout_s=10)
         assert nominated_in_api(h)["late"] not in set(nominated.values())
+    finally:
+        h.stop()
+
+
+def test_a_replica_kube_scheduler_does_not_ask_nominates_nothing() -> None:
+    """Several scheduler pods, the extender a sidecar without a Lease of its own: only the leading kube-scheduler
+    asks its sidecar, so a sidecar never asked (or not for ASKED_WITHIN_S) leaves nominations to that one."""
+    h = Harness({"node-0": 2}, nominate=True)
+    try:
+        h.server.add_pod(workload_pod("p", 500, "q", "normal"))
+        h.settle()
+        assert h.service.extender.nominate_pending() == 0
+        assert h.server.status_patches == []
+        h.service.extender.filter({"Pod": h.pending()[0], "NodeNames": ["elsewhere"]})  # asked now
+        wait_for(lambda: len(h.server.status_patches) == 1)
+        h.service.extender.last_asked_s -= ASKED_WITHIN_S + 1  # and no longer
+        h.server.add_pod(workload_pod("q", 500, "q", "normal"))
+        h.settle()
+        assert h.service.extender.nominate_pending() == 0
+        assert len(h.server.status_patches) == 1
     finally:
         h.stop()
 

@@ -26,6 +26,7 @@ import concurrent.futures
 import functools
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +57,10 @@ from flexai.scheduler import Policy, PolicyContext, Scheduler, create_policy
 log = logging.getLogger(__name__)
 
 MAX_EXTENDER_PRIORITY = 10
+ASKED_WITHIN_S = 30.0
+"""The extender nominates ahead of kube-scheduler only if kube-scheduler asked it (filter) this recently: with
+several scheduler pods and the extender as a sidecar without a Lease of its own, only the leading
+kube-scheduler's sidecar is asked, and only its nominations agree with the binds."""
 DEFAULT_ASSUME_TTL_S = 30.0
 
 
@@ -150,6 +155,8 @@ class Extender:
         """Pods whose status.nominatedNodeName is being written now (each once at a time)."""
         self._nominators: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
+        self.last_asked_s = -math.inf
+        """When kube-scheduler last called filter (time.monotonic)."""
         self._scheduler: Scheduler | None = None
         self._scheduler_version = -1
         self._layout_version = -1
@@ -255,6 +262,7 @@ class Extender:
         """The ExtenderFilterResult, and the candidate list with its pass mask when the extender decided."""
         pod = _field(args, "pod", "Pod") or {}
         candidates, _ = _candidates(args)
+        self.last_asked_s = time.monotonic()
         if not self.ready():
             error = "flexai scheduler is still loading the cluster; retry"
             return self._filter_result(args, [], {}, {}, error=error), None
@@ -373,7 +381,7 @@ class Extender:
 
     def _submit_publish(self, key: str, namespace: str, name: str, node: str) -> concurrent.futures.Future | None:
         with self.lock:
-            if key in self._nominating:
+            if key in self._nominating or (self.bridge is not None and self.bridge.published.get(key) == node):
                 return None
             self._nominating.add(key)
         try:
@@ -404,11 +412,12 @@ class Extender:
     def nominate_pending(self) -> int:
         """Run a Hi cycle now and tell kube-scheduler where Hi placed the pending pods before it gets to them:
         each pod's ``status.nominatedNodeName``, which kube-scheduler evaluates alone before sampling nodes. So a
-        pod's first attempt already looks at Hi's node (no refused attempt, no backoff). Only the leader does it;
+        pod's first attempt already looks at Hi's node (no refused attempt, no backoff). Only the leader does it,
+        and only while kube-scheduler calls this replica (``ASKED_WITHIN_S``);
         evictions the cycle decided are carried out as filter would. Returns how many pods were nominated."""
         if self.bridge is None or getattr(self.api, "nominate_pod", None) is None:
             return 0
-        if not self.ready() or not self.is_leader():
+        if not self.ready() or not self.is_leader() or time.monotonic() - self.last_asked_s > ASKED_WITHIN_S:
             return 0
         with self.lock:
             evictions = self.bridge.cycle()
