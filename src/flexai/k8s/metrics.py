@@ -13,7 +13,8 @@ class SchedulerMetrics:
         self.registry = registry or CollectorRegistry()
         self.attempts = Counter(
             "flexai_scheduling_attempts_total",
-            "Scheduling decisions by result (scheduled, unschedulable, error).",
+            "Scheduling decisions by verb (filter, bind, nominate) and result (scheduled, unschedulable, nominated, "
+            "error).",
             ["verb", "result"],
             registry=self.registry,
         )
