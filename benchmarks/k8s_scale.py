@@ -191,59 +191,50 @@ def pod_body(phase: str, i: int, shape: Shape) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------ how many fit
+def best_fit(sizes: list[int], free: list[int]) -> int:
+    """Place ``sizes`` (largest first, as given) by best fit into bins counted by free room (``free[f]``: bins with
+    ``f`` free, updated in place); how many were placed."""
+    placed = 0
+    for size in sizes:
+        f = next((f for f in range(size, len(free)) if free[f]), None)
+        if f is None:
+            continue
+        free[f] -= 1
+        free[f - size] += 1
+        placed += 1
+    return placed
+
+
+def capacity_bound(sizes: list[int], total: int) -> int:
+    """How many of ``sizes``, smallest first, fit in ``total`` units of room: an upper bound on what fits."""
+    count = 0
+    for size in sorted(sizes):
+        if size > total:
+            break
+        total -= size
+        count += 1
+    return count
+
+
 def fit_estimate(shapes: list[Shape], nodes: int, phase: str) -> dict[str, int]:
     """How many pods fit on ``nodes`` empty nodes: best fit decreasing (a packing that exists: a lower bound on
     what fits) and the capacity (an upper bound: the pods, smallest first, until the GPUs or share run out)."""
+    node_bins = [0] * (DEVICES_PER_NODE + 1)  # node_bins[f]: nodes with f GPUs free
+    node_bins[DEVICES_PER_NODE] = nodes
     if phase == "baseline":
-        need = sorted((s.whole_gpus for s in shapes), reverse=True)
-        bins = [0] * (DEVICES_PER_NODE + 1)  # bins[f]: nodes with f GPUs free
-        bins[DEVICES_PER_NODE] = nodes
-        placed = 0
-        for g in need:
-            f = next((f for f in range(g, DEVICES_PER_NODE + 1) if bins[f]), None)
-            if f is None:
-                continue
-            bins[f] -= 1
-            bins[f - g] += 1
-            placed += 1
-        capacity, total = 0, nodes * DEVICES_PER_NODE
-        for g in sorted(s.whole_gpus for s in shapes):
-            if g > total:
-                break
-            total -= g
-            capacity += 1
+        placed = best_fit(sorted((s.whole_gpus for s in shapes), reverse=True), node_bins)
+        capacity = capacity_bound([s.whole_gpus for s in shapes], nodes * DEVICES_PER_NODE)
         return {"fit_best_fit_decreasing": placed, "fit_capacity_bound": capacity}
     # flexai: several whole devices on one node first (best fit over nodes by free whole devices), then the
     # single-device pods, largest share first, best fit over devices (by free share in steps).
     steps = SLOTS_PER_DEVICE
-    multi = sorted((s.count for s in shapes if s.count > 1), reverse=True)
+    placed = best_fit(sorted((s.count for s in shapes if s.count > 1), reverse=True), node_bins)
+    device_bins = [0] * (steps + 1)  # device_bins[u]: devices with u steps free
+    device_bins[steps] = sum(f * n for f, n in enumerate(node_bins))
     single = sorted((s.share_milli // SHARE_STEP_MILLI for s in shapes if s.count == 1), reverse=True)
-    bins = [0] * (DEVICES_PER_NODE + 1)
-    bins[DEVICES_PER_NODE] = nodes
-    placed = 0
-    for g in multi:
-        f = next((f for f in range(g, DEVICES_PER_NODE + 1) if bins[f]), None)
-        if f is None:
-            continue
-        bins[f] -= 1
-        bins[f - g] += 1
-        placed += 1
-    devices = [0] * (steps + 1)  # devices[u]: devices with u steps free
-    devices[steps] = sum(f * n for f, n in enumerate(bins))
-    for u in single:
-        f = next((f for f in range(u, steps + 1) if devices[f]), None)
-        if f is None:
-            continue
-        devices[f] -= 1
-        devices[f - u] += 1
-        placed += 1
-    capacity, total = 0, nodes * DEVICES_PER_NODE * steps
-    for s in sorted(shapes, key=lambda s: s.count * s.share_milli):
-        units = s.count * s.share_milli // SHARE_STEP_MILLI
-        if units > total:
-            break
-        total -= units
-        capacity += 1
+    placed += best_fit(single, device_bins)
+    units = [s.count * s.share_milli // SHARE_STEP_MILLI for s in shapes]
+    capacity = capacity_bound(units, nodes * DEVICES_PER_NODE * steps)
     return {"fit_best_fit_decreasing": placed, "fit_capacity_bound": capacity}
 
 
