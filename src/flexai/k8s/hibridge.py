@@ -296,11 +296,8 @@ class HiBridge:
         hi = self._ensure()
         if hi is None:
             return Decision(reason="no flexai node in the cluster")
-        self.sync()
-        self._sync(key)
-        self._cycle(hi)
-        decision = Decision(evictions=self.pending_evictions)
-        self.pending_evictions = []
+        self._sync(key)  # filter may come before the watch's event marked it dirty
+        decision = Decision(evictions=self.cycle())
         if key in self.problems:
             decision.reason, decision.unresolvable = self.problems[key], True
             return decision
